@@ -1,0 +1,19 @@
+"""Input data: sources (datafile JSON, ESC-50, Speech Commands, folders, procedural demo), audio checks and
+Grain pipelines that yield batches of waveforms."""
+
+from ast_jax.data.pipeline import clip_samples, eval_iterator, steps_per_epoch, train_dataset, train_iterator
+from ast_jax.data.scan import BadAudioFilesError, scan_sources
+from ast_jax.data.sources import Example, Sources, build_sources
+
+__all__ = [
+    "BadAudioFilesError",
+    "Example",
+    "Sources",
+    "build_sources",
+    "clip_samples",
+    "eval_iterator",
+    "scan_sources",
+    "steps_per_epoch",
+    "train_dataset",
+    "train_iterator",
+]

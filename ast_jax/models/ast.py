@@ -1,0 +1,123 @@
+"""AST: the Audio Spectrogram Transformer (Gong et al. 2021) in Flax Linen.
+
+spectrogram [batch, frames, mel_bins] -> overlapping 16x16 patches (fstride, tstride), frequency-major tokens ->
+[cls, dist] prefix + learned positional embedding -> ViT encoder -> pooled (cls + dist) / 2 -> LayerNorm + Linear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ast_jax.models.vit import Dtype, Encoder, trunc_normal
+
+# DeiT sizes: (width, depth, heads).
+VARIANTS = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+}
+
+
+def patch_grid(mel_bins: int, frames: int, patch_size: int, fstride: int, tstride: int) -> tuple[int, int]:
+  """The (frequency, time) patch grid of a spectrogram: ((F - p) // fs + 1, (T - p) // ts + 1)."""
+  if mel_bins < patch_size or frames < patch_size:
+    raise ValueError(f"spectrogram {mel_bins} mel bins x {frames} frames is smaller than one {patch_size}x{patch_size} "
+                     "patch")
+  return (mel_bins - patch_size) // fstride + 1, (frames - patch_size) // tstride + 1
+
+
+class PatchEmbed(nn.Module):
+  """Overlapping conv patches on the [batch, mel_bins (height), frames (width), 1] image; frequency-major tokens."""
+
+  width: int
+  patch_size: int = 16
+  fstride: int = 10
+  tstride: int = 10
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, spectrogram: jax.Array) -> jax.Array:
+    """spectrogram `[batch, frames, mel_bins]` -> tokens `[batch, f * t, width]` (index = f_index * t + t_index)."""
+    image = jnp.swapaxes(spectrogram, 1, 2)[..., None]
+    patches = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=(self.fstride, self.tstride),
+                      padding="VALID", dtype=self.dtype, name="proj")(image)
+    batch, freq, time, width = patches.shape
+    return patches.reshape(batch, freq * time, width)
+
+
+class AST(nn.Module):
+  """Audio Spectrogram Transformer. `__call__` returns (logits `[batch, classes]`, intermediates)."""
+
+  num_classes: int
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: int = 4
+  patch_size: int = 16
+  fstride: int = 10
+  tstride: int = 10
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  head_layer_norm_eps: float = 1e-5  # the head's LayerNorm is PyTorch's default, not timm's 1e-6
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, spectrogram: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    batch, frames, mel_bins = spectrogram.shape
+    freq, time = patch_grid(mel_bins, frames, self.patch_size, self.fstride, self.tstride)
+    tokens = PatchEmbed(self.width, self.patch_size, self.fstride, self.tstride, self.dtype,
+                        name="patch_embed")(spectrogram.astype(self.dtype))
+    cls_token = self.param("cls_token", trunc_normal, (1, 1, self.width))
+    dist_token = self.param("dist_token", trunc_normal, (1, 1, self.width))
+    prefix = jnp.concatenate([cls_token, dist_token], axis=1).astype(self.dtype)
+    tokens = jnp.concatenate([jnp.broadcast_to(prefix, (batch, 2, self.width)), tokens], axis=1)
+    pos_embed = self.param("pos_embed", trunc_normal, (1, freq * time + 2, self.width))
+    tokens = tokens + pos_embed.astype(self.dtype)
+    tokens = nn.Dropout(self.dropout)(tokens, deterministic=not train)
+    tokens = Encoder(self.depth, self.num_heads, self.mlp_ratio * self.width, self.dropout, self.attention_dropout,
+                     remat=self.remat, dtype=self.dtype, name="encoder")(tokens, train=train)
+    pooled = (tokens[:, 0] + tokens[:, 1]) / 2
+    logits = ClassifierHead(self.num_classes, self.head_layer_norm_eps, self.dtype, name="head")(pooled)
+    return logits, {"embedding": pooled.astype(jnp.float32), "tokens": tokens}
+
+
+class ClassifierHead(nn.Module):
+  """LayerNorm + Linear on the pooled embedding; outputs raw logits in float32."""
+
+  num_classes: int
+  layer_norm_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pooled: jax.Array) -> jax.Array:
+    normed = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(pooled)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=trunc_normal, name="dense")(normed)
+    return logits.astype(jnp.float32)
+
+
+def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
+  """Resolves a `config.model` (variant name or explicit width/depth/num_heads) into AST constructor kwargs."""
+  variant = model_config.get("variant", "base")
+  if variant and variant not in VARIANTS:
+    raise ValueError(f"unknown AST variant {variant!r}; choose one of {sorted(VARIANTS)} or set width/depth/num_heads")
+  width, depth, num_heads = VARIANTS[variant] if variant else (0, 0, 0)
+  width = model_config.get("width") or width
+  depth = model_config.get("depth") or depth
+  num_heads = model_config.get("num_heads") or num_heads
+  if not (width and depth and num_heads):
+    raise ValueError("config.model needs a variant or all of width, depth and num_heads")
+  if width % num_heads:
+    raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(model_config.get("dtype", "float32"))
+  if dtype is None:
+    raise ValueError(f"config.model.dtype must be float32 or bfloat16, not {model_config.get('dtype')!r}")
+  fields = {f.name for f in dataclasses.fields(AST)}
+  extra = {key: model_config[key] for key in ("mlp_ratio", "patch_size", "fstride", "tstride", "dropout",
+                                               "attention_dropout", "remat") if key in model_config and key in fields}
+  return dict(width=width, depth=depth, num_heads=num_heads, dtype=dtype, **extra)

@@ -1,0 +1,63 @@
+"""Checks a config before anything is loaded, so a bad value fails at once with a message naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+CHOICES = {
+    "data.source": ("demo", "folder", "datafile", "esc50", "speechcommands"),
+    "data.on_bad_audio": ("error", "skip"),
+    "data.scan": ("header", "decode", "off"),
+    "audio.window_type": ("hanning", "hamming", "povey", "rectangular", "blackman"),
+    "model.dtype": ("float32", "bfloat16"),
+    "optim.schedule": ("step", "cosine"),
+    "optim.weight_decay_mode": ("l2", "decoupled"),
+    "train.loss": ("bce", "ce"),
+    "train.main_metric": ("accuracy", "mAP", "mAUC", "d_prime"),
+}
+POSITIVE = ("num_classes", "data.batch_size", "train.epochs", "audio.target_length", "audio.num_mel_bins",
+            "audio.sample_rate", "audio.frame_length", "audio.frame_shift", "audio.std", "optim.lr",
+            "train.keep_checkpoints", "train.log_every_steps", "train.eval_every_epochs", "model.patch_size",
+            "model.fstride", "model.tstride")
+UNIT_INTERVAL = ("augment.mixup", "train.label_smoothing", "optim.b1", "optim.b2")
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError listing every invalid field of `config`."""
+  problems = []
+  for field, choices in CHOICES.items():
+    if _get(config, field) not in choices:
+      problems.append(f"{field}={_get(config, field)!r} is not one of {choices}")
+  for field in POSITIVE:
+    if not _get(config, field) > 0:
+      problems.append(f"{field}={_get(config, field)!r} must be positive")
+  for field in UNIT_INTERVAL:
+    if not 0 <= _get(config, field) <= 1:
+      problems.append(f"{field}={_get(config, field)!r} must lie in [0, 1]")
+  for field in ("augment.freq_mask", "augment.time_mask", "data.num_workers", "train.checkpoint_every_steps"):
+    if _get(config, field) < 0:
+      problems.append(f"{field}={_get(config, field)!r} must not be negative")
+  first, last = config.train.average_weights
+  if (first, last) != (0, 0) and not 1 <= first <= last:
+    problems.append(f"train.average_weights={(first, last)} must be (0, 0) or 1 <= first <= last")
+  if first > config.train.epochs:
+    problems.append(f"train.average_weights starts at epoch {first}, after the last epoch {config.train.epochs}")
+  patch = config.model.patch_size
+  if config.audio.target_length < patch or config.audio.num_mel_bins < patch:
+    problems.append(f"audio.target_length={config.audio.target_length} x audio.num_mel_bins="
+                    f"{config.audio.num_mel_bins} is smaller than one {patch}x{patch} patch")
+  if config.augment.freq_mask > config.audio.num_mel_bins:
+    problems.append(f"augment.freq_mask={config.augment.freq_mask} exceeds audio.num_mel_bins")
+  if config.augment.time_mask > config.audio.target_length:
+    problems.append(f"augment.time_mask={config.augment.time_mask} exceeds audio.target_length")
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))

@@ -1,0 +1,146 @@
+"""The training loop, read top to bottom: mesh, input, model and optimiser, state, steps, restore, loop, evaluate."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ast_jax import data as data_lib
+from ast_jax.models import build_model
+from ast_jax.parallel import global_batch, make_mesh, replicated
+from ast_jax.train import state as state_lib
+from ast_jax.train.checkpoint import Checkpointer
+from ast_jax.train.config_checks import validate_config
+from ast_jax.train.metrics import classification_metrics
+from ast_jax.train.optim import make_optimizer, make_schedule
+from ast_jax.train.steps import make_eval_step, make_train_step
+from ast_jax.train.writers import MetricsWriter, Progress
+
+log = logging.getLogger(__name__)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the last evaluation record."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = make_mesh()
+  if config.data.batch_size % mesh.size:
+    raise ValueError(f"config.data.batch_size={config.data.batch_size} must divide over {mesh.size} devices")
+
+  # Input.
+  sources = data_lib.build_sources(config)
+  if len(sources.label_names) != config.num_classes:
+    raise ValueError(f"config.num_classes={config.num_classes} but the data has {len(sources.label_names)} labels")
+  steps_per_epoch = data_lib.steps_per_epoch(config, sources)
+  total_steps = config.train.epochs * steps_per_epoch
+  host = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  train_iter = data_lib.train_iterator(config, sources, seed=config.seed, **host)
+
+  # Model, optimiser and state, created directly on the mesh.
+  model = build_model(config)
+  schedule = make_schedule(config.optim, steps_per_epoch, total_steps)
+  tx = make_optimizer(config.optim, schedule)
+  first_avg, last_avg = config.train.average_weights
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  example = jnp.zeros((1, config.audio.target_length, config.audio.num_mel_bins), jnp.float32)
+  init_fn = lambda: state_lib.create_train_state(model.init(init_rng, example)["params"], tx, first_avg > 0)
+  state = jax.jit(init_fn, out_shardings=replicated(mesh))()
+  log.info("model %s: %.2f M parameters; %d steps per epoch, %d epochs", config.model.name,
+           sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, steps_per_epoch, config.train.epochs)
+
+  # Steps, jitted once.
+  train_step = jax.jit(make_train_step(model, tx, schedule, config, train_rng), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(model, config))
+
+  # Restore.
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+  restored = checkpointer.restore(state, train_iter)
+  if restored is not None:
+    state, _ = restored
+  start_step = int(state.step)
+  writer = MetricsWriter(workdir, resume_step=start_step, tensorboard=config.train.tensorboard,
+                         enabled=jax.process_index() == 0)
+  run_meta = {"config": config.to_json_best_effort(), "label_names": list(sources.label_names),
+              "skipped_files": sources.skipped_files}
+
+  def evaluate(params: Any, step: int, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
+    eval_batches = data_lib.eval_iterator(config, sources, **host)
+    record = {"epoch": epoch, "step": step, **evaluate_params(eval_step, params, eval_batches, mesh), **extra,
+              "skipped_files": sources.skipped_files}
+    writer.write_record(record)
+    log.info("eval epoch %d step %d: %s", epoch, step, _summary(record))
+    return record
+
+  # Loop.
+  progress = Progress(total_steps, start_step, config.train.log_every_steps, config.train.progress_bar)
+  record: dict[str, Any] = {}
+  epoch_start_time, epoch_start_step, last_loss = time.perf_counter(), start_step, None
+  global_batch_size = config.data.batch_size
+  for step in range(start_step, total_steps):
+    state, metrics = train_step(state, global_batch(mesh, next(train_iter)))
+    done, epoch = step + 1, step // steps_per_epoch + 1
+    if done % config.train.log_every_steps == 0 or done == total_steps:
+      last_loss = float(metrics["loss"])
+      if not np.isfinite(last_loss):
+        raise FloatingPointError(f"training loss is {last_loss} at step {done}; the last checkpoint is intact")
+      writer.write_scalars(done, {"train/loss": last_loss, "train/lr": float(metrics["lr"]),
+                                  "train/grad_norm": float(metrics["grad_norm"])})
+    rate = (done - epoch_start_step) * global_batch_size / max(time.perf_counter() - epoch_start_time, 1e-9)
+    progress.update(done, epoch, last_loss, rate)
+    if done % steps_per_epoch == 0:
+      jax.block_until_ready(state)
+      examples_per_sec = (done - epoch_start_step) * global_batch_size / (time.perf_counter() - epoch_start_time)
+      if first_avg <= epoch <= last_avg:
+        state = state_lib.accumulate_average(state)
+      train_loss = float(state.epoch_loss_sum / jnp.maximum(state.epoch_loss_count, 1))
+      state = state_lib.reset_epoch_loss(state)
+      if epoch % config.train.eval_every_epochs == 0 or done == total_steps:
+        record = evaluate(state.params, done, epoch, {"train_loss": train_loss, "lr": float(metrics["lr"]),
+                                                      "examples_per_sec": examples_per_sec})
+      checkpointer.save(done, state, train_iter, {**run_meta, "epoch": epoch})
+      epoch_start_time, epoch_start_step = time.perf_counter(), done
+    elif config.train.checkpoint_every_steps and done % config.train.checkpoint_every_steps == 0:
+      checkpointer.save(done, state, train_iter, {**run_meta, "epoch": epoch - 1})
+  progress.close()
+
+  if first_avg > 0 and int(state.averaged_count) > 0:
+    record = evaluate(state_lib.averaged_params(state), total_steps, config.train.epochs,
+                      {"weights": "averaged", "averaged_epochs": [first_avg, min(last_avg, config.train.epochs)]})
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  return record
+
+
+def evaluate_params(eval_step: Any, params: Any, batches: Iterable[dict[str, np.ndarray]], mesh: Any
+                    ) -> dict[str, float]:
+  """Runs `eval_step` over every batch and computes the upstream metrics over the real (mask = 1) examples."""
+  scores, labels, loss_sum, count = [], [], 0.0, 0.0
+  for host_batch in batches:
+    batch = global_batch(mesh, host_batch)
+    outputs = eval_step(params, batch)
+    # Every process gathers the whole batch, so multi-host runs compute metrics over the full evaluation set.
+    gathered = multihost_utils.process_allgather(
+        {"scores": outputs["scores"], "label": batch["label"], "mask": batch["mask"]}, tiled=True)
+    real = np.asarray(gathered["mask"]) > 0
+    scores.append(np.asarray(gathered["scores"])[real])
+    labels.append(np.asarray(gathered["label"])[real])
+    loss_sum += float(outputs["loss_sum"])
+    count += float(real.sum())
+  if count == 0:
+    raise ValueError("the evaluation set is empty")
+  metrics = classification_metrics(np.concatenate(scores), np.concatenate(labels))
+  return {"loss": loss_sum / count, **metrics, "num_examples": int(count)}
+
+
+def _summary(record: dict[str, Any]) -> str:
+  keys = ("loss", "accuracy", "mAP", "mAUC", "d_prime", "examples_per_sec")
+  return " ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record.get(k), float))

@@ -1,0 +1,134 @@
+"""Defaults shared by every recipe. A recipe file overrides only what its paper table names."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+# The data and label files that ship beside the repository (../shared from the repository root).
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared", "data")
+AUDIOSET_LABELS = os.path.normpath(os.path.join(SHARED_DATA, "labels", "audioset_class_labels_indices.csv"))
+SPEECHCOMMANDS_LABELS = os.path.normpath(os.path.join(SHARED_DATA, "labels",
+                                                      "speechcommands_class_labels_indices.csv"))
+
+# Dataset statistics of the normalised log-mel input, (fbank - mean) / (2 * std) (REFERENCE.md 1.1).
+AUDIOSET_STATS = (-4.2677393, 4.5689974)
+ESC50_STATS = (-6.6268077, 5.358466)
+SPEECHCOMMANDS_STATS = (-6.845978, 5.5654526)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The upstream AST recipe skeleton: Kaldi front end, AST-base at stride 10, Adam, BCE."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Front end: torchaudio.compliance.kaldi.fbank options (names and units as torchaudio), then pad/cut to
+  # `target_length` frames and normalise with (x - mean) / (2 * std).
+  config.audio = ml_collections.ConfigDict(dict(
+      sample_rate=16000,
+      num_mel_bins=128,
+      frame_length=25.0,  # ms
+      frame_shift=10.0,  # ms
+      window_type="hanning",
+      low_freq=20.0,
+      high_freq=0.0,  # <= 0: offset from Nyquist, as Kaldi
+      preemphasis_coefficient=0.97,
+      remove_dc_offset=True,
+      dither=0.0,
+      target_length=1024,  # frames
+      mean=AUDIOSET_STATS[0],
+      std=AUDIOSET_STATS[1],
+  ))
+
+  # Data: which source, how it is read, and the sampler. Paths are resolved relative to the working directory.
+  config.data = ml_collections.ConfigDict(dict(
+      source="demo",  # demo | folder | datafile | esc50 | speechcommands
+      path="",  # root folder (folder, esc50, speechcommands)
+      train_datafile="",  # datafile source: AST JSON datafiles
+      eval_datafile="",
+      label_csv="",  # index,mid,display_name
+      split="",  # source-specific split name (folder: 'takes' or 'speaker'; esc50: fold number; ...)
+      eval_split="test",  # speechcommands: 'validation' or 'test'
+      fold=1,  # esc50: the held-out fold
+      held_out="",  # folder/speaker split: the speaker held out
+      num_train_examples=0,  # demo: size of the generated training set
+      num_eval_examples=0,
+      batch_size=12,
+      eval_batch_size=0,  # 0: same as batch_size
+      balanced_sampling=False,
+      num_workers=0,  # Grain worker processes; 0 reads in the main process
+      prefetch_buffer_size=2,
+      cache_audio=False,  # keep decoded waveforms in host memory (small data sets)
+      on_bad_audio="error",  # error: one error listing every bad file; skip: drop them and report the count
+      scan="header",  # header: check files' headers before training; decode: decode every file once; off
+  ))
+
+  config.augment = ml_collections.ConfigDict(dict(
+      mixup=0.0,  # probability of waveform mixup with a random partner
+      mixup_alpha=10.0,  # lambda ~ Beta(alpha, alpha)
+      freq_mask=0,  # max frequency-mask width (bins); one mask
+      time_mask=0,  # max time-mask width (frames); one mask
+      noise=False,  # fbank += U(0,1) * U(0,1) / 10, then roll time by an integer in [-roll, roll)
+      roll=10,
+  ))
+
+  config.model = ml_collections.ConfigDict(dict(
+      name="ast",
+      variant="base",  # tiny | small | base, or set width/depth/num_heads below
+      width=0,
+      depth=0,
+      num_heads=0,
+      mlp_ratio=4,
+      patch_size=16,
+      fstride=10,
+      tstride=10,
+      dropout=0.0,
+      attention_dropout=0.0,
+      dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  ))
+  config.num_classes = 527
+
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=1e-5,
+      b1=0.95,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=5e-7,
+      weight_decay_mode="l2",  # l2: added to the gradient, as torch.optim.Adam; decoupled: AdamW
+      schedule="step",  # step: upstream warm-up + per-epoch step decay; cosine
+      warmup_steps=1000,
+      warmup_every=50,  # upstream raises the warm-up lr every 50 steps
+      decay_start_epoch=2,
+      decay_every=1,
+      decay_factor=0.5,
+      min_lr_ratio=0.0,  # cosine: final lr / peak lr
+      grad_clip_norm=0.0,  # 0: off
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      epochs=5,
+      loss="bce",  # bce | ce
+      main_metric="mAP",
+      label_smoothing=0.0,
+      average_weights=(0, 0),  # (first, last) epoch, 1-based and inclusive; (0, 0): off
+      checkpoint_every_steps=0,  # 0: once per epoch
+      keep_checkpoints=3,
+      log_every_steps=50,
+      eval_every_epochs=1,
+      progress_bar=True,
+      tensorboard=True,
+  ))
+  return config
+
+
+def shrink_for_smoke_test(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same recipe (data format, front end, augmentation, loss, schedule) with a tiny model and batch, for a
+  two-step check on a CPU. `get_config('smoke')` of every recipe returns this."""
+  config.model.update(variant="", width=64, depth=2, num_heads=2)
+  config.data.update(batch_size=2, eval_batch_size=2, num_workers=0, scan="header")
+  config.train.update(epochs=1, log_every_steps=1, progress_bar=False, tensorboard=False)
+  first, last = config.train.average_weights
+  if first:
+    config.train.average_weights = (1, 1)
+  return config
