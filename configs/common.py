@@ -69,8 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
       mixup_alpha=10.0,  # lambda ~ Beta(alpha, alpha)
       freq_mask=0,  # max frequency-mask width (bins); one mask
       time_mask=0,  # max time-mask width (frames); one mask
-      noise=False,  # fbank += U(0,1) * U(0,1) / 10, then roll time by an integer in [-roll, roll)
-      roll=10,
+      noise=False,  # fbank += U(0,1)[frames, mel_bins] * U(0,1) / 10 after normalisation
+      roll=0,  # then roll time by an integer in [-roll, roll) (upstream Speech Commands: 10, with noise)
   ))
 
   config.model = ml_collections.ConfigDict(dict(

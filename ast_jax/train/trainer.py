@@ -82,6 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Loop.
   progress = Progress(total_steps, start_step, config.train.log_every_steps, config.train.progress_bar)
   record: dict[str, Any] = {}
+  epoch_stats: dict[str, Any] = {}
   epoch_start_time, epoch_start_step, last_loss = time.perf_counter(), start_step, None
   global_batch_size = config.data.batch_size
   for step in range(start_step, total_steps):
@@ -102,9 +103,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = state_lib.accumulate_average(state)
       train_loss = float(state.epoch_loss_sum / jnp.maximum(state.epoch_loss_count, 1))
       state = state_lib.reset_epoch_loss(state)
+      epoch_stats = {"train_loss": train_loss, "lr": float(metrics["lr"]), "examples_per_sec": examples_per_sec}
       if epoch % config.train.eval_every_epochs == 0 or done == total_steps:
-        record = evaluate(state.params, done, epoch, {"train_loss": train_loss, "lr": float(metrics["lr"]),
-                                                      "examples_per_sec": examples_per_sec})
+        record = evaluate(state.params, done, epoch, epoch_stats)
       checkpointer.save(done, state, train_iter, {**run_meta, "epoch": epoch})
       epoch_start_time, epoch_start_step = time.perf_counter(), done
     elif config.train.checkpoint_every_steps and done % config.train.checkpoint_every_steps == 0:
@@ -112,8 +113,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   progress.close()
 
   if first_avg > 0 and int(state.averaged_count) > 0:
+    averaged_epochs = [first_avg, min(last_avg, config.train.epochs)]
     record = evaluate(state_lib.averaged_params(state), total_steps, config.train.epochs,
-                      {"weights": "averaged", "averaged_epochs": [first_avg, min(last_avg, config.train.epochs)]})
+                      {**epoch_stats, "weights": "averaged", "averaged_epochs": averaged_epochs})
   checkpointer.wait()
   checkpointer.close()
   writer.close()

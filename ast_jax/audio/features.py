@@ -1,0 +1,156 @@
+"""The model input: waveforms -> normalised, fixed-length log-mel spectrograms, inside the jitted step.
+
+Upstream order (AST data loader): Kaldi fbank -> pad with zeros at the end / cut to `target_length` frames ->
+[training: one frequency mask, one time mask] -> (x - mean) / (2 * std) -> [training, Speech Commands:
+noise, then a time roll]. Padding comes before normalisation, so padded frames read (0 - mean) / (2 * std).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from ast_jax.audio import augment as augment_lib
+from ast_jax.audio.fbank import FbankOptions, batch_features
+
+
+def _field(config: Any, name: str, default: Any = dataclasses.MISSING) -> Any:
+  """Reads `name` from a dict or an ml_collections ConfigDict (which is not a `Mapping`)."""
+  try:
+    return config[name]
+  except (KeyError, AttributeError):
+    if default is dataclasses.MISSING:
+      raise KeyError(f"audio front-end config lacks the field {name!r}") from None
+    return default
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontEnd:
+  """The `config.audio` fields that shape the model input, hashable so jit can hold them static."""
+
+  sample_rate: int
+  num_mel_bins: int
+  frame_length: float  # ms
+  frame_shift: float  # ms
+  window_type: str
+  low_freq: float
+  high_freq: float
+  preemphasis_coefficient: float
+  remove_dc_offset: bool
+  dither: float
+  target_length: int  # frames
+  mean: float
+  std: float
+
+  @classmethod
+  def from_config(cls, audio: Mapping[str, Any] | FrontEnd) -> FrontEnd:
+    if isinstance(audio, FrontEnd):
+      return audio
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    cast = {"int": int, "float": float, "str": str, "bool": bool}
+    return cls(**{name: cast[kind](_field(audio, name)) for name, kind in types.items()})
+
+  def fbank_options(self) -> FbankOptions:
+    """The upstream AST call: torchaudio kaldi.fbank with htk_compat=True, use_energy=False."""
+    return FbankOptions.create(
+        self.sample_rate, frame_length=self.frame_length, frame_shift=self.frame_shift,
+        num_mel_bins=self.num_mel_bins, window_type=self.window_type, low_freq=self.low_freq,
+        high_freq=self.high_freq, preemphasis_coefficient=self.preemphasis_coefficient,
+        remove_dc_offset=self.remove_dc_offset, dither=self.dither, htk_compat=True, use_energy=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+  """The spectrogram part of `config.augment` (mixup acts on waveforms, elsewhere)."""
+
+  freq_mask: int = 0  # max width, mel bins
+  time_mask: int = 0  # max width, frames
+  noise: bool = False
+  roll: int = 0  # max |time shift|, frames (upstream Speech Commands: 10, after the noise)
+
+  @classmethod
+  def from_config(cls, augment: Mapping[str, Any] | AugmentSpec) -> AugmentSpec:
+    if isinstance(augment, AugmentSpec):
+      return augment
+    return cls(freq_mask=int(_field(augment, "freq_mask", 0)), time_mask=int(_field(augment, "time_mask", 0)),
+               noise=bool(_field(augment, "noise", False)), roll=int(_field(augment, "roll", 0)))
+
+  @property
+  def active(self) -> bool:
+    return self.freq_mask > 0 or self.time_mask > 0 or self.noise or self.roll > 0
+
+
+def clip_samples(target_length: int, sample_rate: int = 16000, frame_length: float = 25.0,
+                 frame_shift: float = 10.0) -> int:
+  """Samples that give exactly `target_length` frames with snip_edges: frame_len + shift * (target_length - 1)."""
+  options = FbankOptions(sample_rate=float(sample_rate), frame_length=frame_length, frame_shift=frame_shift)
+  return options.window_size + options.window_shift * (target_length - 1)
+
+
+def pad_or_cut(fbank: jax.Array, num_frames: jax.Array, target_length: int) -> jax.Array:
+  """Zeroes frames at or beyond each clip's `num_frames`, then pads with zeros / cuts to `target_length`.
+
+  `[batch, frames, mel_bins]` -> `[batch, target_length, mel_bins]`; matches per-clip fbank + ZeroPad2d upstream.
+  """
+  frames = fbank.shape[1]
+  valid = jnp.arange(frames)[None, :] < num_frames[:, None]
+  fbank = jnp.where(valid[:, :, None], fbank, 0.0)
+  if frames >= target_length:
+    return fbank[:, :target_length]
+  return jnp.pad(fbank, ((0, 0), (0, target_length - frames), (0, 0)))
+
+
+@functools.partial(jax.jit, static_argnames=("front", "spec"))
+def _model_input(waveforms, num_samples, rng, front: FrontEnd, spec: AugmentSpec | None):
+  keys = jax.random.split(rng, 3) if rng is not None else (None, None, None)
+  fbank, num_frames = batch_features(waveforms, num_samples, front.fbank_options(), keys[0])
+  fbank = pad_or_cut(fbank, num_frames, front.target_length)
+  if spec is not None and (spec.freq_mask > 0 or spec.time_mask > 0):
+    fbank = augment_lib.frequency_time_mask(keys[1], fbank, spec.freq_mask, spec.time_mask)
+  fbank = (fbank - front.mean) / (2.0 * front.std)
+  if spec is not None and (spec.noise or spec.roll > 0):
+    noise_key, roll_key = jax.random.split(keys[2])
+    fbank = augment_lib.add_noise(noise_key, fbank) if spec.noise else fbank
+    fbank = augment_lib.roll_time(roll_key, fbank, spec.roll)
+  return fbank
+
+
+def model_input(
+    waveforms,
+    num_samples,
+    audio: Mapping[str, Any] | FrontEnd,
+    *,
+    augment: Mapping[str, Any] | AugmentSpec | None = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+  """Waveforms `[batch, samples]` -> float32 `[batch, target_length, mel_bins]`; clip i ends at `num_samples[i]`.
+
+  `audio` is `config.audio` and `augment` is `config.augment` (both read once into hashable form; callable
+  inside jit). Augmentation runs only when both `augment` and `rng` are given (training); `rng` also feeds
+  dither when `audio.dither > 0`. Waveforms are expected mean-removed per clip by the data pipeline
+  (`remove_mean`), as upstream; with `remove_dc_offset` the per-frame DC removal makes that immaterial anyway.
+  """
+  front = FrontEnd.from_config(audio)
+  spec = AugmentSpec.from_config(augment) if augment is not None and rng is not None else None
+  spec = spec if spec is not None and spec.active else None
+  options = front.fbank_options()
+  if options.dither > 0.0 and rng is None:
+    raise ValueError(f"audio.dither={options.dither} needs a PRNG key: pass rng")
+  waveforms = jnp.asarray(waveforms, jnp.float32)
+  if waveforms.ndim != 2:
+    raise ValueError(f"model_input expects waveforms [batch, samples], got shape {waveforms.shape}")
+  batch, samples = waveforms.shape
+  if num_samples is None:
+    num_samples = jnp.full((batch,), samples, jnp.int32)
+  num_samples = jnp.asarray(num_samples, jnp.int32)
+  # Frame t reads samples [t * shift, t * shift + frame_len) only, so later samples cannot reach the output.
+  needed = clip_samples(front.target_length, front.sample_rate, front.frame_length, front.frame_shift)
+  if samples > needed:
+    waveforms, num_samples = waveforms[:, :needed], jnp.minimum(num_samples, needed)
+  elif samples < options.window_size:  # too short for one frame: every clip gets 0 frames, all padding
+    waveforms = jnp.pad(waveforms, ((0, 0), (0, options.window_size - samples)))
+  return _model_input(waveforms, num_samples, rng, front, spec)
