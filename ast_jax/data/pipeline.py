@@ -22,6 +22,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from ast_jax.audio import clip_samples as audio_clip_samples
 from ast_jax.data.reader import EvalRecords, TrainRecords, WaveformReader
 from ast_jax.data.sampling import EpochSampler, balanced_weights
 from ast_jax.data.sources import Example, Sources
@@ -30,13 +31,7 @@ from ast_jax.data.sources import Example, Sources
 def clip_samples(config: ml_collections.ConfigDict) -> int:
   """Samples S that fill `config.audio.target_length` frames: frame length + shift * (target_length - 1)."""
   audio = config.audio
-  try:
-    from ast_jax.audio import clip_samples as audio_clip_samples  # the front end's own definition, once it exists
-  except ImportError:
-    frame = int(audio.sample_rate * audio.frame_length / 1000)
-    shift = int(audio.sample_rate * audio.frame_shift / 1000)
-    return frame + shift * (audio.target_length - 1)
-  return int(audio_clip_samples(audio.target_length, audio.sample_rate, audio.frame_length, audio.frame_shift))
+  return audio_clip_samples(audio.target_length, audio.sample_rate, audio.frame_length, audio.frame_shift)
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, source: Sources) -> int:

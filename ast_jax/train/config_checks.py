@@ -24,6 +24,10 @@ POSITIVE = ("num_classes", "data.batch_size", "train.epochs", "audio.target_leng
 UNIT_INTERVAL = ("augment.mixup", "train.label_smoothing", "optim.b1", "optim.b2")
 
 
+class ConfigError(ValueError):
+  """A config field with an invalid value; the message lists every such field."""
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
   value = config
   for part in dotted.split("."):
@@ -32,7 +36,7 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError listing every invalid field of `config`."""
+  """Raises ConfigError listing every invalid field of `config`."""
   problems = []
   for field, choices in CHOICES.items():
     if _get(config, field) not in choices:
@@ -60,4 +64,4 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.augment.time_mask > config.audio.target_length:
     problems.append(f"augment.time_mask={config.augment.time_mask} exceeds audio.target_length")
   if problems:
-    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -37,8 +37,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Input.
   sources = data_lib.build_sources(config)
-  if len(sources.label_names) != config.num_classes:
-    raise ValueError(f"config.num_classes={config.num_classes} but the data has {len(sources.label_names)} labels")
   steps_per_epoch = data_lib.steps_per_epoch(config, sources)
   total_steps = config.train.epochs * steps_per_epoch
   host = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
