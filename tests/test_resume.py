@@ -83,3 +83,8 @@ def test_sigkill_in_epoch_two_then_rerun_matches_uninterrupted(tmp_path):
   straight_params, resumed_params = final_params(straight), final_params(resumed)
   for a, b in zip(jax.tree.leaves(straight_params), jax.tree.leaves(resumed_params)):
     np.testing.assert_array_equal(a, b)
+
+  # A finished run started again does nothing: no new records, no new checkpoints.
+  before = open(os.path.join(resumed, "metrics.jsonl")).read()
+  run_to_end(resumed)
+  assert open(os.path.join(resumed, "metrics.jsonl")).read() == before

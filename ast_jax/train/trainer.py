@@ -77,10 +77,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.info("eval epoch %d step %d: %s", epoch, step, _summary(record))
     return record
 
+  record: dict[str, Any] = writer.last_record() or {}
+  epoch_stats = {key: record[key] for key in ("train_loss", "lr", "examples_per_sec") if key in record}
+  if start_step >= total_steps and record and (first_avg == 0 or record.get("weights") == "averaged"):
+    log.info("the run in %s is complete (step %d); nothing to do", workdir, start_step)
+    return record
+
   # Loop.
   progress = Progress(total_steps, start_step, config.train.log_every_steps, config.train.progress_bar)
-  record: dict[str, Any] = {}
-  epoch_stats: dict[str, Any] = {}
   epoch_start_time, epoch_start_step, last_loss = time.perf_counter(), start_step, None
   global_batch_size = config.data.batch_size
   for step in range(start_step, total_steps):

@@ -48,6 +48,14 @@ class MetricsWriter:
       handle.writelines(kept)
     os.replace(self.path + ".tmp", self.path)
 
+  def last_record(self) -> dict[str, Any] | None:
+    """The last evaluation record in metrics.jsonl, or None."""
+    if not os.path.exists(self.path):
+      return None
+    with open(self.path) as handle:
+      lines = [line for line in handle if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
   def write_record(self, record: dict[str, Any]) -> None:
     """One evaluation: appended to metrics.jsonl and mirrored to TensorBoard under `eval/`."""
     if not self.enabled:
