@@ -43,6 +43,7 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   from ast_jax.audio import AudioError
+  from ast_jax.data import DataError
   from ast_jax.train.config_checks import ConfigError
   from ast_jax.train.trainer import train_and_evaluate  # after distributed init: it touches devices
 
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> None:
   logging.getLogger("ast_jax").info("workdir %s", os.path.abspath(workdir))
   try:
     record = train_and_evaluate(_CONFIG.value, workdir)
-  except (ConfigError, AudioError, FileNotFoundError) as error:  # bad input: the message, without a traceback
+  except (ConfigError, DataError, AudioError, FileNotFoundError) as error:  # bad input: the message, without a traceback
     sys.exit(f"error: {error}")
   print(json.dumps({"workdir": workdir, **record}))
 

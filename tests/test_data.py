@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from ast_jax.audio.io import AudioError
-from ast_jax.data import BadAudioFilesError, build_sources, demo
+from ast_jax.data import BadAudioFilesError, DataError, build_sources, demo
 from ast_jax.data.sources import natural_key
 from configs.common import base_config
 
@@ -62,7 +62,16 @@ def test_datafile_source(tmp_path):
 def test_datafile_unknown_label_names_the_entry(tmp_path):
   write_tone(str(tmp_path / "a.wav"))
   config = datafile_config(tmp_path, [{"wav": str(tmp_path / "a.wav"), "labels": "/m/dog,/m/unicorn"}])
-  with pytest.raises(ValueError, match=r"train.json: entry 0 .*a.wav.*/m/unicorn"):
+  with pytest.raises(DataError, match=r"train.json: entry 0 .*a.wav.*/m/unicorn"):
+    build_sources(config)
+
+
+def test_datafile_entry_without_labels_names_the_entry(tmp_path):
+  write_tone(str(tmp_path / "a.wav"))
+  write_tone(str(tmp_path / "b.wav"))
+  config = datafile_config(tmp_path, [{"wav": str(tmp_path / "a.wav"), "labels": "/m/dog"},
+                                      {"wav": str(tmp_path / "b.wav"), "labels": ""}])
+  with pytest.raises(DataError, match=r"train.json: entry 1 .*b.wav.*no labels"):
     build_sources(config)
 
 

@@ -3,10 +3,11 @@ Grain pipelines that yield batches of waveforms."""
 
 from ast_jax.data.pipeline import clip_samples, eval_iterator, steps_per_epoch, train_dataset, train_iterator
 from ast_jax.data.scan import BadAudioFilesError, scan_sources
-from ast_jax.data.sources import Example, Sources, build_sources
+from ast_jax.data.sources import DataError, Example, Sources, build_sources
 
 __all__ = [
     "BadAudioFilesError",
+    "DataError",
     "Example",
     "Sources",
     "build_sources",

@@ -25,7 +25,7 @@ import numpy as np
 from ast_jax.audio import clip_samples as audio_clip_samples
 from ast_jax.data.reader import EvalRecords, TrainRecords, WaveformReader
 from ast_jax.data.sampling import EpochSampler, balanced_weights
-from ast_jax.data.sources import Example, Sources
+from ast_jax.data.sources import DataError, Example, Sources
 
 
 def clip_samples(config: ml_collections.ConfigDict) -> int:
@@ -38,7 +38,7 @@ def steps_per_epoch(config: ml_collections.ConfigDict, source: Sources) -> int:
   """Global batches per epoch: len(train examples) // config.data.batch_size."""
   steps = len(source.train) // config.data.batch_size
   if steps == 0:
-    raise ValueError(f"{len(source.train)} training examples do not fill one batch of {config.data.batch_size}")
+    raise DataError(f"{len(source.train)} training examples do not fill one batch of {config.data.batch_size}")
   return steps
 
 
@@ -135,6 +135,6 @@ def _per_host(global_batch: int, shard_count: int, shard_index: int) -> int:
 def _check_labels(config: ml_collections.ConfigDict, source: Sources) -> None:
   """The model's head width must match the data set's label set."""
   if len(source.label_names) != config.num_classes:
-    raise ValueError(
+    raise DataError(
         f"config.num_classes is {config.num_classes} but the data set has {len(source.label_names)} labels"
     )

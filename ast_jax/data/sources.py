@@ -19,6 +19,10 @@ import ml_collections
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif", ".m4a")
 
 
+class DataError(ValueError):
+  """A data set on disk that does not match its format (missing list, unknown label, bad file name, ...)."""
+
+
 class Example(NamedTuple):
   """One clip: where its audio is and which classes it carries (multi-label)."""
   audio: str
@@ -51,7 +55,7 @@ def build_sources(config: ml_collections.ConfigDict, *, scan: bool = True) -> So
   }
   name = config.data.source
   if name not in builders:
-    raise ValueError(f"unknown data source {name!r}; expected one of {sorted(builders)}")
+    raise DataError(f"unknown data source {name!r}; expected one of {sorted(builders)}")
   sources = builders[name](config)
   if scan:
     from ast_jax.data.scan import scan_sources  # scan imports this module
@@ -63,15 +67,15 @@ def build_sources(config: ml_collections.ConfigDict, *, scan: bool = True) -> So
 def read_label_csv(path: str) -> tuple[list[str], list[str]]:
   """Reads an AST label CSV (`index,mid,display_name`) into (mids, display names) ordered by index."""
   if not path:
-    raise ValueError("this data source needs config.data.label_csv (index,mid,display_name)")
+    raise DataError("this data source needs config.data.label_csv (index,mid,display_name)")
   with open(path, newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
-    raise ValueError(f"{path}: expected a header 'index,mid,display_name'")
+    raise DataError(f"{path}: expected a header 'index,mid,display_name'")
   rows.sort(key=lambda row: int(row["index"]))
   indices = [int(row["index"]) for row in rows]
   if indices != list(range(len(rows))):
-    raise ValueError(f"{path}: indices must be 0..{len(rows) - 1} without gaps or repeats")
+    raise DataError(f"{path}: indices must be 0..{len(rows) - 1} without gaps or repeats")
   return [row["mid"].strip() for row in rows], [row["display_name"].strip() for row in rows]
 
 
@@ -94,16 +98,16 @@ def _datafile_sources(config: ml_collections.ConfigDict) -> Sources:
 def _read_datafile(path: str, mid_to_index: dict[str, int]) -> tuple[Example, ...]:
   """Reads `{"data": [{"wav": path, "labels": "/m/a,/m/b"}, ...]}`; unknown mids name the entry."""
   if not path:
-    raise ValueError("the datafile source needs config.data.train_datafile")
+    raise DataError("the datafile source needs config.data.train_datafile")
   with open(path, encoding="utf-8") as f:
     entries = json.load(f)["data"]
   examples = []
   for number, entry in enumerate(entries):
     mids = [mid.strip() for mid in str(entry.get("labels", "")).split(",") if mid.strip()]
     unknown = [mid for mid in mids if mid not in mid_to_index]
-    if unknown or "wav" not in entry:
-      problem = f"unknown label(s) {unknown}" if unknown else "no 'wav' field"
-      raise ValueError(f"{path}: entry {number} ({entry.get('wav', '?')}): {problem}")
+    if unknown or not mids or "wav" not in entry:
+      problem = f"unknown label(s) {unknown}" if unknown else "no 'wav' field" if "wav" not in entry else "no labels"
+      raise DataError(f"{path}: entry {number} ({entry.get('wav', '?')}): {problem}")
     examples.append(Example(str(entry["wav"]), tuple(sorted({mid_to_index[mid] for mid in mids}))))
   return tuple(examples)
 
@@ -117,7 +121,7 @@ def _esc50_sources(config: ml_collections.ConfigDict) -> Sources:
   with open(os.path.join(root, "meta", "esc50.csv"), newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   if not rows:
-    raise ValueError(f"{root}/meta/esc50.csv lists no clips")
+    raise DataError(f"{root}/meta/esc50.csv lists no clips")
   names_by_target = {int(row["target"]): row["category"] for row in rows}
   # A subset of the 50 classes keeps class ids aligned with the full set's targets.
   names = tuple(names_by_target.get(t, f"target_{t}") for t in range(max(names_by_target) + 1))
@@ -127,7 +131,7 @@ def _esc50_sources(config: ml_collections.ConfigDict) -> Sources:
     example = Example(os.path.join(root, "audio", row["filename"]), (int(row["target"]),))
     (evaluation if int(row["fold"]) == fold else train).append(example)
   if not evaluation:
-    raise ValueError(f"{root}/meta/esc50.csv has no clip in fold {fold}")
+    raise DataError(f"{root}/meta/esc50.csv has no clip in fold {fold}")
   return Sources(tuple(train), tuple(evaluation), names)
 
 
@@ -139,7 +143,7 @@ def _speechcommands_sources(config: ml_collections.ConfigDict) -> Sources:
   root = config.data.path
   split_lists = {"validation": "validation_list.txt", "test": "testing_list.txt"}
   if config.data.eval_split not in split_lists:
-    raise ValueError(f"speechcommands eval_split must be 'validation' or 'test', got {config.data.eval_split!r}")
+    raise DataError(f"speechcommands eval_split must be 'validation' or 'test', got {config.data.eval_split!r}")
   words = sorted(
       entry for entry in os.listdir(root)
       if os.path.isdir(os.path.join(root, entry)) and not entry.startswith("_") and not entry.startswith(".")
@@ -153,7 +157,7 @@ def _speechcommands_sources(config: ml_collections.ConfigDict) -> Sources:
   train, evaluation = [], []
   for word in words:
     if word not in word_to_index:
-      raise ValueError(f"{root}/{word}: folder is not a label in {config.data.label_csv}")
+      raise DataError(f"{root}/{word}: folder is not a label in {config.data.label_csv}")
     for file in sorted(os.listdir(os.path.join(root, word))):
       if not file.lower().endswith(AUDIO_EXTENSIONS):
         continue
@@ -168,7 +172,7 @@ def _speechcommands_sources(config: ml_collections.ConfigDict) -> Sources:
 
 def _read_list(path: str) -> set[str]:
   if not os.path.exists(path):
-    raise ValueError(f"{path}: missing (Speech Commands V2 ships validation_list.txt and testing_list.txt)")
+    raise DataError(f"{path}: missing (Speech Commands V2 ships validation_list.txt and testing_list.txt)")
   with open(path, encoding="utf-8") as f:
     return {line.strip().replace("\\", "/") for line in f if line.strip()}
 
@@ -185,34 +189,34 @@ def _folder_sources(config: ml_collections.ConfigDict) -> Sources:
   label_index = {name: i for i, name in enumerate(names)}
   split = config.data.split or "takes"
   if split == "speaker" and not config.data.held_out:
-    raise ValueError("folder source with split='speaker' needs config.data.held_out (the test speaker)")
+    raise DataError("folder source with split='speaker' needs config.data.held_out (the test speaker)")
   train, evaluation = [], []
   for file, parts in zip(files, fields):
     if len(parts) < 3:
-      raise ValueError(f"{folder}/{file}: expected a name like '{{label}}_{{speaker}}_{{take}}'")
+      raise DataError(f"{folder}/{file}: expected a name like '{{label}}_{{speaker}}_{{take}}'")
     if split == "takes":
       is_eval = int(parts[-1]) < 5  # upstream FSDD convention: takes 0-4 are the test set
     elif split == "speaker":
       is_eval = parts[1] == config.data.held_out
     else:
-      raise ValueError(f"folder source split must be 'takes' or 'speaker', got {split!r}")
+      raise DataError(f"folder source split must be 'takes' or 'speaker', got {split!r}")
     example = Example(os.path.join(folder, file), (label_index[parts[0]],))
     (evaluation if is_eval else train).append(example)
   if split == "speaker" and not evaluation:
-    raise ValueError(f"{folder}: no file of speaker {config.data.held_out!r}")
+    raise DataError(f"{folder}: no file of speaker {config.data.held_out!r}")
   return Sources(tuple(train), tuple(evaluation), names)
 
 
 def _audio_folder(path: str) -> str:
   """The folder itself if it holds audio files, else its `recordings/` subfolder (FSDD's layout)."""
   if not os.path.isdir(path):
-    raise ValueError(f"folder source: {path!r} is not a folder")
+    raise DataError(f"folder source: {path!r} is not a folder")
   if any(f.lower().endswith(AUDIO_EXTENSIONS) for f in os.listdir(path)):
     return path
   recordings = os.path.join(path, "recordings")
   if os.path.isdir(recordings):
     return recordings
-  raise ValueError(f"folder source: no audio files in {path!r} or {recordings!r}")
+  raise DataError(f"folder source: no audio files in {path!r} or {recordings!r}")
 
 
 # ----------------------------------------------------------------------------------------------- demo
