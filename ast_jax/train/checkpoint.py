@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import grain
@@ -20,7 +21,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    self.manager = ocp.CheckpointManager(directory, options=options)
+    # Orbax wants absolute paths; a relative --workdir is relative to where the command runs.
+    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
