@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.update(variant="", width=96, depth=3, num_heads=3, fstride=16, tstride=16)
   config.optim.update(lr=1e-3, schedule="cosine", warmup_steps=50, weight_decay=0.05, weight_decay_mode="decoupled",
                       b1=0.9)
-  config.train.update(epochs=8, loss="ce", main_metric="accuracy", log_every_steps=10)
+  config.train.update(epochs=12, loss="ce", main_metric="accuracy", log_every_steps=10)
   if arg == "smoke":
     common.shrink_for_smoke_test(config)
   return config
