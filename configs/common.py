@@ -86,7 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
       dropout=0.0,
       attention_dropout=0.0,
       dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
+      layer_norm_eps=1e-6,  # backbone LayerNorms (timm); Hugging Face checkpoints use 1e-12 everywhere
+      head_layer_norm_eps=1e-5,  # the classifier's LayerNorm (PyTorch's default upstream)
   ))
+  # Weights to start from instead of a random initialisation: 'imagenet:/path' (timm DeiT/ViT .pth/.npz/
+  # .safetensors), 'original:/path.pth' (upstream AST), 'hf:/dir' (ASTForAudioClassification), 'ast_jax:/dir'.
+  config.init_from = ""
   config.num_classes = 527
 
   config.optim = ml_collections.ConfigDict(dict(

@@ -63,6 +63,7 @@ class AST(nn.Module):
   tstride: int = 10
   dropout: float = 0.0
   attention_dropout: float = 0.0
+  layer_norm_eps: float = 1e-6  # timm's, in the backbone
   head_layer_norm_eps: float = 1e-5  # the head's LayerNorm is PyTorch's default, not timm's 1e-6
   remat: bool = False
   dtype: Dtype = jnp.float32
@@ -81,7 +82,7 @@ class AST(nn.Module):
     tokens = tokens + pos_embed.astype(self.dtype)
     tokens = nn.Dropout(self.dropout)(tokens, deterministic=not train)
     tokens = Encoder(self.depth, self.num_heads, self.mlp_ratio * self.width, self.dropout, self.attention_dropout,
-                     remat=self.remat, dtype=self.dtype, name="encoder")(tokens, train=train)
+                     self.layer_norm_eps, remat=self.remat, dtype=self.dtype, name="encoder")(tokens, train=train)
     pooled = (tokens[:, 0] + tokens[:, 1]) / 2
     logits = ClassifierHead(self.num_classes, self.head_layer_norm_eps, self.dtype, name="head")(pooled)
     return logits, {"embedding": pooled.astype(jnp.float32), "tokens": tokens}
@@ -119,5 +120,6 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"config.model.dtype must be float32 or bfloat16, not {model_config.get('dtype')!r}")
   fields = {f.name for f in dataclasses.fields(AST)}
   extra = {key: model_config[key] for key in ("mlp_ratio", "patch_size", "fstride", "tstride", "dropout",
-                                               "attention_dropout", "remat") if key in model_config and key in fields}
+                                               "attention_dropout", "remat", "layer_norm_eps", "head_layer_norm_eps")
+           if key in model_config and key in fields}
   return dict(width=width, depth=depth, num_heads=num_heads, dtype=dtype, **extra)

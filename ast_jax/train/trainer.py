@@ -14,6 +14,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ast_jax import data as data_lib
+from ast_jax.convert import model_dir
+from ast_jax.convert.init import initial_params
 from ast_jax.models import build_model
 from ast_jax.parallel import global_batch, make_mesh, replicated
 from ast_jax.train import state as state_lib
@@ -49,8 +51,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   first_avg, last_avg = config.train.average_weights
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   example = jnp.zeros((1, config.audio.target_length, config.audio.num_mel_bins), jnp.float32)
-  init_fn = lambda: state_lib.create_train_state(model.init(init_rng, example)["params"], tx, first_avg > 0)
-  state = jax.jit(init_fn, out_shardings=replicated(mesh))()
+  params = jax.jit(model.init, out_shardings=replicated(mesh))(init_rng, example)["params"]
+  if config.init_from:
+    params = jax.device_put(initial_params(config.init_from, jax.device_get(params), config), replicated(mesh))
+  init_fn = lambda params: state_lib.create_train_state(params, tx, first_avg > 0)
+  state = jax.jit(init_fn, out_shardings=replicated(mesh))(params)
   log.info("model %s: %.2f M parameters; %d steps per epoch, %d epochs", config.model.name,
            sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, steps_per_epoch, config.train.epochs)
 
@@ -118,10 +123,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     averaged_epochs = [first_avg, min(last_avg, config.train.epochs)]
     record = evaluate(state_lib.averaged_params(state), total_steps, config.train.epochs,
                       {**epoch_stats, "weights": "averaged", "averaged_epochs": averaged_epochs})
+  if jax.process_index() == 0:
+    final = state_lib.averaged_params(state) if first_avg > 0 and int(state.averaged_count) > 0 else state.params
+    export_model(os.path.join(workdir, "model"), jax.device_get(final), config, sources.label_names)
   checkpointer.wait()
   checkpointer.close()
   writer.close()
   return record
+
+
+def export_model(path: str, params: Any, config: ml_collections.ConfigDict, label_names: Any) -> None:
+  """The trained model as an ast_jax model directory (weight-averaged when averaging is on), for predict/convert."""
+  label_ids: list[str] = []
+  if config.data.label_csv and os.path.exists(config.data.label_csv):
+    label_ids = model_dir.label_names_from_csv(config.data.label_csv)[1]
+  bundle_config = model_dir.bundle_config(config.model, config.audio, config.num_classes)
+  model_dir.save_model_dir(path, model_dir.ModelBundle(params, bundle_config, list(label_names),
+                                                       label_ids if len(label_ids) == len(label_names) else []))
+  log.info("model written to %s", path)
 
 
 def evaluate_params(eval_step: Any, params: Any, batches: Iterable[dict[str, np.ndarray]], mesh: Any

@@ -1,0 +1,88 @@
+"""Convert AST weights: `python -m ast_jax.convert --from=hf|original|ast_jax --to=hf|original|ast_jax SRC DST`.
+
+- ast_jax: a model directory (`model.safetensors` + `ast_jax.json`), as training writes to `workdir/model/`;
+  a training workdir is accepted as SRC.
+- hf: a Hugging Face `ASTForAudioClassification` directory (model.safetensors, config.json, preprocessor_config.json).
+- original: an upstream `.pth` (YuanGongND/ast). It carries no config: reading one needs `--config=configs/X.py`
+  (front end, strides, labels); writing one keeps only the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FORMATS = ("hf", "original", "ast_jax")
+_FROM = flags.DEFINE_enum("from", None, FORMATS, "Format of SRC.")
+_TO = flags.DEFINE_enum("to", None, FORMATS, "Format of DST.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "With --from=original: the recipe the weights belong to "
+                                          "(model, front end, labels).")
+_LABEL_CSV = flags.DEFINE_string("label_csv", None, "With --from=original: label names (index,mid,display_name); "
+                                 "default: the config's data.label_csv.")
+flags.mark_flags_as_required(["from", "to"])
+
+
+def read(source_format: str, path: str):
+  from ast_jax.convert import hf, model_dir
+
+  if source_format == "ast_jax":
+    return model_dir.load_model_dir(path)
+  if source_format == "hf":
+    bundle, unused = hf.load_hf(path)
+    if unused:
+      logging.warning("tensors in %s not used: %s", path, unused)
+    return bundle
+  return read_original(path)
+
+
+def read_original(path: str):
+  import jax
+  import jax.numpy as jnp
+
+  from ast_jax.convert import model_dir, original
+  from ast_jax.models import build_model
+
+  if _CONFIG.value is None:
+    raise app.UsageError("--from=original needs --config=configs/X.py (the recipe the weights belong to)")
+  config = _CONFIG.value
+  label_csv = _LABEL_CSV.value or config.data.label_csv
+  names, ids = model_dir.label_names_from_csv(label_csv) if label_csv else ([], [])
+  model = build_model(config)
+  example = jnp.zeros((1, config.audio.target_length, config.audio.num_mel_bins))
+  template = jax.tree.map(jax.device_get, jax.jit(model.init)(jax.random.key(0), example)["params"])
+  params, report = original.load_original(path, template, config.model, config.audio.num_mel_bins,
+                                          config.audio.target_length)
+  logging.info("%s: %s", path, report.summary())
+  bundle_config = model_dir.bundle_config(config.model, config.audio, config.num_classes)
+  return model_dir.ModelBundle(params, bundle_config, model_dir.default_label_names(config.num_classes, names), ids)
+
+
+def write(target_format: str, bundle, path: str) -> None:
+  from ast_jax.convert import hf, model_dir, original
+
+  if target_format == "ast_jax":
+    model_dir.save_model_dir(path, bundle)
+  elif target_format == "hf":
+    hf.save_hf(path, bundle)
+  else:
+    original.save_original(path, bundle.params)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 3:
+    raise app.UsageError("usage: python -m ast_jax.convert --from=FORMAT --to=FORMAT SRC DST")
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", force=True)
+  source, target = argv[1], argv[2]
+  try:
+    bundle = read(_FROM.value, source)
+    write(_TO.value, bundle, target)
+  except (FileNotFoundError, ValueError) as error:
+    sys.exit(f"error: {error}")
+  print(f"{_FROM.value}:{source} -> {_TO.value}:{target} ({bundle.config.num_classes} classes)")
+
+
+if __name__ == "__main__":
+  app.run(main)

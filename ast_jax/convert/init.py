@@ -1,0 +1,45 @@
+"""`config.init_from`: start training from another checkpoint's weights instead of a random initialisation."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from ast_jax.convert import hf, model_dir, original, torch_layout
+from ast_jax.convert.merge import merge_timm_state
+from ast_jax.models.ast import patch_grid
+
+log = logging.getLogger(__name__)
+KINDS = ("imagenet", "original", "hf", "ast_jax")
+
+
+def _grid(model: Mapping[str, Any], mel_bins: int, frames: int) -> tuple[int, int]:
+  return patch_grid(mel_bins, frames, model["patch_size"], model["fstride"], model["tstride"])
+
+
+def initial_params(init_from: str, template: Mapping[str, Any], config: Any) -> dict[str, Any]:
+  """Loads `init_from` ('KIND:PATH') into `template`'s structure; logs what was loaded, adapted and left fresh."""
+  kind, _, path = init_from.partition(":")
+  if kind not in KINDS or not path:
+    raise ValueError(f"config.init_from={init_from!r}: expected 'KIND:PATH' with KIND one of {KINDS}")
+  mel_bins, frames = config.audio.num_mel_bins, config.audio.target_length
+  target_grid = _grid(config.model, mel_bins, frames)
+  if kind == "imagenet":
+    from ast_jax.convert.imagenet import imagenet_init, read_state_dict
+
+    params, report = imagenet_init(read_state_dict(path), template, new_grid=target_grid)
+    log.info("init from %s: loaded %d, fresh %s, unused %s", init_from, len(report["loaded"]), report["fresh"],
+             report["unused"])
+    return params
+  if kind == "original":
+    params, report = original.load_original(path, template, config.model, mel_bins, frames)
+  else:
+    if kind == "hf":
+      source, _ = hf.load_hf(path)
+    else:
+      source = model_dir.load_model_dir(path)
+    source_grid = _grid(source.config.model, source.config.audio.num_mel_bins, source.config.audio.target_length)
+    params, report = merge_timm_state(torch_layout.params_to_timm(source.params), template,
+                                      source_grid=source_grid, target_grid=target_grid)
+  log.info("init from %s: %s", init_from, report.summary())
+  return params

@@ -1,0 +1,113 @@
+"""The ast_jax model directory: weights plus everything needed to use them.
+
+```
+DIR/model.safetensors   parameters, flat keys joined by '/' ("encoder/blocks_0/attn/qkv/kernel"), float32
+DIR/ast_jax.json        {"format": "ast_jax", "version": 1, "num_classes", "model": config.model,
+                         "audio": config.audio (front end, target_length, mean, std), "label_names", "label_ids"}
+```
+Training writes one to `workdir/model/` at the end; `ast_jax.predict` and `ast_jax.convert` read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+METADATA = "ast_jax.json"
+
+
+@dataclasses.dataclass
+class ModelBundle:
+  """Parameters (nested dict of numpy arrays) with the config that built them and the label names."""
+
+  params: dict[str, Any]
+  config: ml_collections.ConfigDict  # .model, .audio, .num_classes
+  label_names: list[str]
+  label_ids: list[str] = dataclasses.field(default_factory=list)  # e.g. AudioSet mids, when known
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+  flat = {}
+  for name, value in params.items():
+    key = f"{prefix}{name}"
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, key + "/"))
+    else:
+      flat[key] = np.asarray(value, np.float32)
+  return flat
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  params: dict[str, Any] = {}
+  for key, value in flat.items():
+    node = params
+    *parents, leaf = key.split("/")
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[leaf] = value
+  return params
+
+
+def bundle_config(model: Mapping[str, Any], audio: Mapping[str, Any], num_classes: int) -> ml_collections.ConfigDict:
+  """A config with the sections a model directory carries, on top of the defaults (so every field exists)."""
+  from configs.common import base_config
+
+  config = base_config()
+  config.model.update(dict(model))
+  config.audio.update(dict(audio))
+  config.num_classes = int(num_classes)
+  return config
+
+
+def save_model_dir(path: str, bundle: ModelBundle) -> None:
+  from safetensors.numpy import save_file
+
+  os.makedirs(path, exist_ok=True)
+  if len(bundle.label_names) != bundle.config.num_classes:
+    raise ValueError(f"{len(bundle.label_names)} label names for {bundle.config.num_classes} classes")
+  save_file(flatten(bundle.params), os.path.join(path, WEIGHTS))
+  metadata = {
+      "format": "ast_jax", "version": FORMAT_VERSION, "num_classes": bundle.config.num_classes,
+      "model": bundle.config.model.to_dict(), "audio": bundle.config.audio.to_dict(),
+      "label_names": list(bundle.label_names), "label_ids": list(bundle.label_ids),
+  }
+  with open(os.path.join(path, METADATA), "w") as handle:
+    json.dump(metadata, handle, indent=2)
+
+
+def load_model_dir(path: str) -> ModelBundle:
+  """Reads a model directory; a training workdir (which holds one in `model/`) is accepted too."""
+  from safetensors.numpy import load_file
+
+  if not os.path.exists(os.path.join(path, METADATA)) and os.path.exists(os.path.join(path, "model", METADATA)):
+    path = os.path.join(path, "model")
+  metadata_path = os.path.join(path, METADATA)
+  if not os.path.exists(metadata_path):
+    raise FileNotFoundError(f"{path}: not an ast_jax model directory (no {METADATA})")
+  with open(metadata_path) as handle:
+    metadata = json.load(handle)
+  if metadata.get("format") != "ast_jax" or metadata.get("version", 0) > FORMAT_VERSION:
+    raise ValueError(f"{metadata_path}: unsupported format {metadata.get('format')!r} version "
+                     f"{metadata.get('version')!r}")
+  config = bundle_config(metadata["model"], metadata["audio"], metadata["num_classes"])
+  params = unflatten(load_file(os.path.join(path, WEIGHTS)))
+  return ModelBundle(params, config, list(metadata["label_names"]), list(metadata.get("label_ids", [])))
+
+
+def label_names_from_csv(path: str) -> tuple[list[str], list[str]]:
+  """(display names, mids) of an AST label CSV."""
+  from ast_jax.data.sources import read_label_csv
+
+  mids, names = read_label_csv(path)
+  return names, mids
+
+
+def default_label_names(count: int, names: Sequence[str] | None = None) -> list[str]:
+  return list(names) if names else [f"class_{index}" for index in range(count)]

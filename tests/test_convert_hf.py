@@ -1,0 +1,133 @@
+"""Weights in and out, against transformers' PyTorch AST: HF export loads with `from_pretrained` (no missing or
+unexpected keys) and gives our logits; HF import gives theirs; the upstream `.pth` round trip is exact."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from ast_jax.convert import hf, model_dir, original  # noqa: E402
+from ast_jax.convert.init import initial_params  # noqa: E402
+from ast_jax.models import build_model  # noqa: E402
+
+SIZES = {"tiny": (192, 3), "base": (768, 12)}
+
+
+def random_hf_model(size: str, stride: int, frames: int, num_labels: int = 7):
+  """transformers' AST with every tensor randomised (its own init leaves LayerNorms at 1/0 and tokens at 0)."""
+  width, heads = SIZES[size]
+  config = transformers.ASTConfig(hidden_size=width, num_attention_heads=heads, intermediate_size=4 * width,
+                                  frequency_stride=stride, time_stride=stride, max_length=frames,
+                                  num_labels=num_labels)
+  torch.manual_seed(stride + frames)
+  model = transformers.ASTForAudioClassification(config).eval()
+  with torch.no_grad():
+    for tensor in model.parameters():
+      tensor.add_(0.05 * torch.randn_like(tensor))
+  return model
+
+
+def our_logits(bundle: model_dir.ModelBundle, features: np.ndarray) -> np.ndarray:
+  model = build_model(bundle.config)
+  logits, _ = jax.jit(model.apply)({"params": bundle.params}, jnp.asarray(features))
+  return np.asarray(logits)
+
+
+def their_logits(model, features: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.from_numpy(features)).logits.numpy()
+
+
+CASES = [(size, stride, frames) for size in ("tiny", "base") for stride in (10, 16) for frames in (1024, 512, 128)]
+
+
+@pytest.mark.parametrize("size,stride,frames", CASES)
+def test_hf_import_and_export_match_transformers(tmp_path, size, stride, frames):
+  reference = random_hf_model(size, stride, frames)
+  reference.save_pretrained(tmp_path / "hf_in")
+  features = np.random.default_rng(0).standard_normal((2, frames, 128)).astype(np.float32) * 0.5
+
+  bundle, unused = hf.load_hf(str(tmp_path / "hf_in"))
+  assert unused == []
+  ours = our_logits(bundle, features)
+  np.testing.assert_allclose(ours, their_logits(reference, features), atol=1e-4, rtol=0)
+
+  hf.save_hf(str(tmp_path / "hf_out"), bundle)
+  loaded, info = transformers.ASTForAudioClassification.from_pretrained(str(tmp_path / "hf_out"),
+                                                                         output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+  np.testing.assert_allclose(their_logits(loaded.eval(), features), ours, atol=1e-4, rtol=0)
+
+
+def native_bundle(num_classes=5, frames=128, stride=10) -> model_dir.ModelBundle:
+  """An ast_jax model as training makes it (backbone eps 1e-6, head eps 1e-5), with randomised parameters."""
+  config = model_dir.bundle_config(dict(variant="", width=64, depth=2, num_heads=2, fstride=stride, tstride=stride),
+                                   dict(target_length=frames, mean=-5.0, std=4.0), num_classes)
+  model = build_model(config)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, frames, 128)))["params"]
+  noise = np.random.default_rng(1)
+  params = jax.tree.map(lambda p: np.asarray(p) + 0.05 * noise.standard_normal(p.shape).astype(np.float32), params)
+  return model_dir.ModelBundle(params, config, [f"label{i}" for i in range(num_classes)])
+
+
+def test_native_model_exports_to_hf_with_its_front_end_and_labels(tmp_path):
+  bundle = native_bundle()
+  hf.save_hf(str(tmp_path / "hf"), bundle)
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  preprocessor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+  assert (config["max_length"], config["frequency_stride"], config["layer_norm_eps"]) == (128, 10, 1e-6)
+  assert config["id2label"]["3"] == "label3" and (preprocessor["mean"], preprocessor["std"]) == (-5.0, 4.0)
+  loaded = transformers.ASTForAudioClassification.from_pretrained(str(tmp_path / "hf")).eval()
+  features = np.random.default_rng(2).standard_normal((3, 128, 128)).astype(np.float32)
+  # HF has one LayerNorm epsilon; our head's 1e-5 against its 1e-6 moves logits far less than the tolerance.
+  np.testing.assert_allclose(their_logits(loaded, features), our_logits(bundle, features), atol=1e-4, rtol=0)
+
+
+def test_original_pth_round_trip_is_exact(tmp_path):
+  bundle = native_bundle(frames=1024)
+  original.save_original(str(tmp_path / "audioset_10_10_0.5000.pth"), bundle.params)
+  state = torch.load(tmp_path / "audioset_10_10_0.5000.pth", weights_only=True)
+  assert state["module.v.blocks.1.attn.qkv.weight"].shape == (192, 64)
+  assert state["module.mlp_head.1.weight"].shape == (5, 64) and state["module.v.head_dist.weight"].shape == (1000, 64)
+  template = jax.tree.map(np.zeros_like, bundle.params)
+  params, report = original.load_original(str(tmp_path / "audioset_10_10_0.5000.pth"), template,
+                                          bundle.config.model, 128, 1024)
+  assert report.fresh == [] and report.adapted == [] and set(report.unused) == {
+      "head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+  for ours, back in zip(jax.tree.leaves(bundle.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(ours, back)
+
+
+def test_audioset_checkpoint_initialises_an_esc50_model(tmp_path):
+  """The AudioSet -> ESC-50 path: 12x101 grid cut to 12x50, 527-way head replaced by a fresh 50-way head."""
+  audioset = native_bundle(num_classes=527, frames=1024)
+  path = str(tmp_path / "audioset_10_10_0.4593.pth")
+  original.save_original(path, audioset.params)
+  esc50 = native_bundle(num_classes=50, frames=512)
+  config = esc50.config
+  config.init_from = f"original:{path}"
+  template = jax.tree.map(np.asarray, esc50.params)
+  params = initial_params(config.init_from, template, config)
+  from ast_jax.convert.posembed import adapt_pos_embed
+
+  np.testing.assert_array_equal(params["pos_embed"], adapt_pos_embed(audioset.params["pos_embed"], (12, 101), (12, 50)))
+  np.testing.assert_array_equal(params["encoder"]["blocks_1"]["mlp"]["fc2"]["kernel"],
+                                audioset.params["encoder"]["blocks_1"]["mlp"]["fc2"]["kernel"])
+  np.testing.assert_array_equal(params["head"]["dense"]["kernel"], template["head"]["dense"]["kernel"])  # fresh
+
+
+def test_mismatched_backbone_is_an_error_naming_the_tensor(tmp_path):
+  small = native_bundle(frames=1024)
+  path = str(tmp_path / "audioset_10_10_0.1.pth")
+  original.save_original(path, small.params)
+  wider = model_dir.bundle_config(dict(variant="", width=96, depth=2, num_heads=2), dict(target_length=1024), 5)
+  template = jax.jit(build_model(wider).init)(jax.random.key(0), jnp.zeros((1, 1024, 128)))["params"]
+  with pytest.raises(ValueError, match=r"cls_token: checkpoint \(1, 1, 64\), model \(1, 1, 96\)"):
+    original.load_original(path, jax.tree.map(np.asarray, template), wider.model, 128, 1024)
