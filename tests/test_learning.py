@@ -10,8 +10,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import soundfile as sf
 
+from ast_jax.audio import clip_samples
+from ast_jax.predict import window_starts
 from ast_jax.train.trainer import train_and_evaluate
 from configs import fsdd
 
@@ -20,10 +24,11 @@ RECORDINGS = os.path.join(ROOT, os.pardir, "shared", "data", "fsdd", "recordings
 needs_fsdd = pytest.mark.skipif(not os.path.isdir(RECORDINGS), reason=f"FSDD not found at {RECORDINGS}")
 
 
-@needs_fsdd
-def test_two_digits_learned_from_real_recordings(tmp_path):
-  """'zero' vs 'one' from every speaker (540 training clips, 60 test clips): far above chance (50 %) after 12 short epochs."""
-  subset = tmp_path / "recordings"
+@pytest.fixture(scope="module")
+def two_digit_run(tmp_path_factory):
+  """'zero' vs 'one' from every speaker (540 training clips, 60 test clips), 12 short epochs."""
+  root = tmp_path_factory.mktemp("two_digits")
+  subset = root / "recordings"
   subset.mkdir()
   for name in os.listdir(RECORDINGS):
     if name.split("_")[0] in ("0", "1"):
@@ -34,9 +39,60 @@ def test_two_digits_learned_from_real_recordings(tmp_path):
   config.model.update(width=96, depth=3, num_heads=3)
   config.optim.update(lr=1e-3, warmup_steps=20)
   config.train.update(epochs=12, progress_bar=False, tensorboard=False)
-  record = train_and_evaluate(config, str(tmp_path / "work"))
+  record = train_and_evaluate(config, str(root / "work"))
+  return record, root / "work"
+
+
+@needs_fsdd
+def test_two_digits_learned_from_real_recordings(two_digit_run):
+  record, workdir = two_digit_run
   assert record["num_examples"] == 60
-  assert record["accuracy"] >= 0.85, record
+  assert record["accuracy"] >= 0.85, record  # chance: 0.5
+  assert (workdir / "model" / "model.safetensors").exists()
+
+
+def predict(checkpoint, files, *extra):
+  result = subprocess.run([sys.executable, "-m", "ast_jax.predict", f"--checkpoint={checkpoint}", "--top_k=1",
+                           *extra, *map(str, files)], cwd=ROOT, check=True, capture_output=True, text=True)
+  return result.stdout.splitlines()
+
+
+def predicted_digits(lines):
+  return {line.split(" (")[0]: line.split(": ")[1].split(" ")[0] for line in lines if not line.startswith(" ")}
+
+
+def concatenated_digits(path, digits, takes=range(5), seconds=30.0):
+  """FSDD test clips of `digits`, 0.3 s of silence between them, repeated to `seconds` (8 kHz, as FSDD)."""
+  pieces, silence = [], np.zeros(2400, np.float32)
+  while sum(len(p) for p in pieces) < seconds * 8000:
+    for take in takes:
+      for digit in digits:
+        clip, rate = sf.read(os.path.join(RECORDINGS, f"{digit}_jackson_{take}.wav"), dtype="float32")
+        pieces += [clip, silence]
+  sf.write(path, np.concatenate(pieces), 8000)
+
+
+@needs_fsdd
+def test_predict_prints_the_right_digits_and_windows_long_files(two_digit_run, tmp_path):
+  _, workdir = two_digit_run
+  files = sorted(os.path.join(RECORDINGS, name) for name in os.listdir(RECORDINGS)
+                 if name.split("_")[0] in ("0", "1") and int(name[:-4].split("_")[2]) < 5)
+  long_file = tmp_path / "thirty_seconds.wav"
+  concatenated_digits(long_file, ("0", "1"))
+  lines = predict(workdir / "model", files + [long_file], f"--logits={tmp_path / 'logits.npy'}",
+                  f"--embeddings={tmp_path / 'embeddings.npy'}")
+  digits = predicted_digits(lines)
+  right = sum(digits[path] == os.path.basename(path)[0] for path in files)
+  assert right >= 0.85 * len(files), lines
+  window_lines = [line for line in lines if line.startswith("  ")]
+  # A 30 s file in windows of the model's input (1.015 s) with half of that as hop: one result per window.
+  samples_16k = round(sf.info(str(long_file)).frames * 2)
+  window = clip_samples(100, 16000)
+  assert sf.info(str(long_file)).duration >= 30.0
+  assert len(window_lines) == len(window_starts(samples_16k, window, window // 2)) > 55
+  assert all(" s: " in line for line in window_lines)
+  assert np.load(tmp_path / "logits.npy").shape == (len(files) + 1, 2)
+  assert np.load(tmp_path / "embeddings.npy").shape == (len(files) + 1, 96)
 
 
 @pytest.mark.slow
@@ -49,3 +105,8 @@ def test_fsdd_recipe_reaches_95_percent(tmp_path):
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert records[-1]["epoch"] == 30 and records[-1]["num_examples"] == 300
   assert records[-1]["accuracy"] >= 0.95, records[-1]
+  # The trained model, through ast_jax.predict: one test take of every speaker and digit.
+  files = [os.path.join(RECORDINGS, f"{digit}_{speaker}_0.wav") for digit in range(10)
+           for speaker in ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")]
+  digits = predicted_digits(predict(workdir / "model", files))
+  assert sum(digits[path] == os.path.basename(path)[0] for path in files) >= 0.9 * len(files)

@@ -55,14 +55,17 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
   return params
 
 
-def bundle_config(model: Mapping[str, Any], audio: Mapping[str, Any], num_classes: int) -> ml_collections.ConfigDict:
-  """A config with the sections a model directory carries, on top of the defaults (so every field exists)."""
+def bundle_config(model: Mapping[str, Any], audio: Mapping[str, Any], num_classes: int,
+                  loss: str = "bce") -> ml_collections.ConfigDict:
+  """A config with the sections a model directory carries, on top of the defaults (so every field exists).
+  `loss` says how logits become scores: bce -> sigmoid, ce -> softmax."""
   from configs.common import base_config
 
   config = base_config()
   config.model.update(dict(model))
   config.audio.update(dict(audio))
   config.num_classes = int(num_classes)
+  config.train.loss = loss
   return config
 
 
@@ -75,7 +78,7 @@ def save_model_dir(path: str, bundle: ModelBundle) -> None:
   save_file(flatten(bundle.params), os.path.join(path, WEIGHTS))
   metadata = {
       "format": "ast_jax", "version": FORMAT_VERSION, "num_classes": bundle.config.num_classes,
-      "model": bundle.config.model.to_dict(), "audio": bundle.config.audio.to_dict(),
+      "model": bundle.config.model.to_dict(), "audio": bundle.config.audio.to_dict(), "loss": bundle.config.train.loss,
       "label_names": list(bundle.label_names), "label_ids": list(bundle.label_ids),
   }
   with open(os.path.join(path, METADATA), "w") as handle:
@@ -88,6 +91,8 @@ def load_model_dir(path: str) -> ModelBundle:
 
   if not os.path.exists(os.path.join(path, METADATA)) and os.path.exists(os.path.join(path, "model", METADATA)):
     path = os.path.join(path, "model")
+  elif not os.path.exists(os.path.join(path, METADATA)) and os.path.isdir(os.path.join(path, "checkpoints")):
+    return load_training_checkpoint(path)
   metadata_path = os.path.join(path, METADATA)
   if not os.path.exists(metadata_path):
     raise FileNotFoundError(f"{path}: not an ast_jax model directory (no {METADATA})")
@@ -96,9 +101,34 @@ def load_model_dir(path: str) -> ModelBundle:
   if metadata.get("format") != "ast_jax" or metadata.get("version", 0) > FORMAT_VERSION:
     raise ValueError(f"{metadata_path}: unsupported format {metadata.get('format')!r} version "
                      f"{metadata.get('version')!r}")
-  config = bundle_config(metadata["model"], metadata["audio"], metadata["num_classes"])
+  config = bundle_config(metadata["model"], metadata["audio"], metadata["num_classes"], metadata.get("loss", "bce"))
   params = unflatten(load_file(os.path.join(path, WEIGHTS)))
   return ModelBundle(params, config, list(metadata["label_names"]), list(metadata.get("label_ids", [])))
+
+
+def load_training_checkpoint(workdir: str) -> ModelBundle:
+  """The latest training checkpoint of a workdir (a run still going, or one from before `model/` existed)."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  if not steps:
+    raise FileNotFoundError(f"{directory}: no checkpoint")
+  latest = os.path.join(directory, str(steps[-1]))
+  with open(os.path.join(latest, "meta", "metadata")) as handle:
+    meta = json.load(handle)
+  config = json.loads(meta["config"])
+  state = ocp.PyTreeCheckpointer().restore(os.path.join(latest, "state"))
+  bundle = bundle_config(config["model"], config["audio"], config["num_classes"], config["train"]["loss"])
+  params = jax_free(state["params"])
+  return ModelBundle(params, bundle, list(meta["label_names"]))
+
+
+def jax_free(tree: Any) -> Any:
+  """Nested dict of numpy arrays."""
+  if isinstance(tree, Mapping):
+    return {key: jax_free(value) for key, value in tree.items()}
+  return np.asarray(tree)
 
 
 def label_names_from_csv(path: str) -> tuple[list[str], list[str]]:

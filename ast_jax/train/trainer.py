@@ -137,7 +137,7 @@ def export_model(path: str, params: Any, config: ml_collections.ConfigDict, labe
   label_ids: list[str] = []
   if config.data.label_csv and os.path.exists(config.data.label_csv):
     label_ids = model_dir.label_names_from_csv(config.data.label_csv)[1]
-  bundle_config = model_dir.bundle_config(config.model, config.audio, config.num_classes)
+  bundle_config = model_dir.bundle_config(config.model, config.audio, config.num_classes, config.train.loss)
   model_dir.save_model_dir(path, model_dir.ModelBundle(params, bundle_config, list(label_names),
                                                        label_ids if len(label_ids) == len(label_names) else []))
   log.info("model written to %s", path)
