@@ -118,3 +118,43 @@ def test_bad_files_skipped_and_counted(tmp_path):
   config.data.update(train_datafile=train, eval_datafile=evaluation, on_bad_audio="skip")
   record = train_and_evaluate(config, str(tmp_path / "work"))
   assert record["skipped_files"] == 3 and record["step"] == 2
+
+
+def test_training_starts_from_imagenet_weights(tmp_path):
+  """config.init_from='imagenet:...' with a timm DeiT state dict; upstream's warm-up holds the lr at 0 for the first
+  50 steps, so the exported model after two steps is exactly the converted ImageNet weights."""
+  import torch
+
+  from ast_jax.convert.model_dir import load_model_dir
+  from ast_jax.convert.posembed import adapt_pos_embed
+
+  width, depth = 64, 2
+  generator = torch.Generator().manual_seed(0)
+  state = {"cls_token": torch.randn(1, 1, width, generator=generator),
+           "dist_token": torch.randn(1, 1, width, generator=generator),
+           "pos_embed": torch.randn(1, 2 + 24 * 24, width, generator=generator),
+           "patch_embed.proj.weight": torch.randn(width, 3, 16, 16, generator=generator),
+           "patch_embed.proj.bias": torch.randn(width, generator=generator),
+           "norm.weight": torch.randn(width, generator=generator), "norm.bias": torch.randn(width, generator=generator),
+           "head.weight": torch.randn(1000, width, generator=generator), "head.bias": torch.zeros(1000),
+           "head_dist.weight": torch.randn(1000, width, generator=generator), "head_dist.bias": torch.zeros(1000)}
+  for index in range(depth):
+    for name, shape in (("norm1", (width,)), ("norm2", (width,)), ("attn.qkv", (3 * width, width)),
+                        ("attn.proj", (width, width)), ("mlp.fc1", (4 * width, width)),
+                        ("mlp.fc2", (width, 4 * width))):
+      state[f"blocks.{index}.{name}.weight"] = torch.randn(*shape, generator=generator)
+      state[f"blocks.{index}.{name}.bias"] = torch.randn(shape[0], generator=generator)
+  torch.save(state, tmp_path / "deit.pth")
+
+  config = audioset.get_config("smoke")
+  train, evaluation = audioset_datafiles(tmp_path)
+  config.data.update(train_datafile=train, eval_datafile=evaluation)
+  config.init_from = f"imagenet:{tmp_path / 'deit.pth'}"
+  train_and_evaluate(config, str(tmp_path / "work"))
+  params = load_model_dir(str(tmp_path / "work")).params
+  np.testing.assert_allclose(params["encoder"]["blocks_1"]["mlp"]["fc1"]["kernel"],
+                             state["blocks.1.mlp.fc1.weight"].numpy().T, rtol=0, atol=0)
+  np.testing.assert_allclose(params["patch_embed"]["proj"]["kernel"][..., 0, :],
+                             state["patch_embed.proj.weight"].numpy().sum(1).transpose(1, 2, 0), atol=1e-6)
+  np.testing.assert_allclose(params["pos_embed"], adapt_pos_embed(state["pos_embed"].numpy(), (24, 24), (12, 101)),
+                             rtol=0, atol=0)
