@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any
 
+import numpy as np
 from absl import app, flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "ast_jax model directory or training workdir.")
@@ -63,8 +64,6 @@ class Predictor:
     self._forward = forward
 
   def windows(self, waveform, window: int, hop: int):
-    import numpy as np
-
     starts = window_starts(len(waveform), window, hop)
     clips = np.zeros((len(starts), self.input_samples), np.float32)
     lengths = np.zeros(len(starts), np.int32)
@@ -76,8 +75,6 @@ class Predictor:
 
   def __call__(self, clips, lengths):
     """clips `[windows, input_samples]` -> (logits `[windows, classes]`, embeddings `[windows, width]`)."""
-    import numpy as np
-
     logits, embeddings = [], []
     for first in range(0, len(clips), self.batch_size):
       batch = np.zeros((self.batch_size, clips.shape[1]), np.float32)
@@ -91,8 +88,6 @@ class Predictor:
     return np.concatenate(logits), np.concatenate(embeddings)
 
   def scores(self, logits):
-    import numpy as np
-
     if self.bundle.config.train.loss == "ce":
       shifted = np.exp(logits - logits.max(-1, keepdims=True))
       return shifted / shifted.sum(-1, keepdims=True)
@@ -100,8 +95,6 @@ class Predictor:
 
 
 def top_labels(scores, names, k: int) -> str:
-  import numpy as np
-
   order = np.argsort(-scores)[:k]
   return ", ".join(f"{names[i]} {scores[i]:.3f}" for i in order)
 
@@ -111,9 +104,7 @@ def main(argv: list[str]) -> None:
   if not files:
     raise app.UsageError("usage: python -m ast_jax.predict --checkpoint=DIR FILE [FILE ...]")
   if not _ACCELERATOR.value:
-    os.environ["JAX_PLATFORMS"] = "cpu"
-  import numpy as np
-
+    os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX is imported below
   from ast_jax.audio import AudioError, load_audio, remove_mean
   from ast_jax.convert import model_dir
 

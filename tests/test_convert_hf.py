@@ -4,6 +4,9 @@ unexpected keys) and gives our logits; HF import gives theirs; the upstream `.pt
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -135,10 +138,7 @@ def test_mismatched_backbone_is_an_error_naming_the_tensor(tmp_path):
 
 def test_convert_command_round_trips_through_every_format(tmp_path):
   """ast_jax -> hf -> ast_jax -> original -> ast_jax with the command line; the weights come back bit-exact."""
-  import subprocess
-  import sys
-
-  root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   bundle = native_bundle(frames=128)
   bundle.config.model.layer_norm_eps = bundle.config.model.head_layer_norm_eps = 1e-12  # HF's single epsilon
   model_dir.save_model_dir(str(tmp_path / "start"), bundle)

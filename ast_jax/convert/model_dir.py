@@ -108,6 +108,7 @@ def load_model_dir(path: str) -> ModelBundle:
 
 def load_training_checkpoint(workdir: str) -> ModelBundle:
   """The latest training checkpoint of a workdir (a run still going, or one from before `model/` existed)."""
+  import jax
   import orbax.checkpoint as ocp
 
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -120,15 +121,8 @@ def load_training_checkpoint(workdir: str) -> ModelBundle:
   config = json.loads(meta["config"])
   state = ocp.PyTreeCheckpointer().restore(os.path.join(latest, "state"))
   bundle = bundle_config(config["model"], config["audio"], config["num_classes"], config["train"]["loss"])
-  params = jax_free(state["params"])
+  params = jax.tree.map(np.asarray, state["params"])
   return ModelBundle(params, bundle, list(meta["label_names"]))
-
-
-def jax_free(tree: Any) -> Any:
-  """Nested dict of numpy arrays."""
-  if isinstance(tree, Mapping):
-    return {key: jax_free(value) for key, value in tree.items()}
-  return np.asarray(tree)
 
 
 def label_names_from_csv(path: str) -> tuple[list[str], list[str]]:
