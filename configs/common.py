@@ -85,7 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
       tstride=10,
       dropout=0.0,
       attention_dropout=0.0,
-      dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
+      dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and optimiser state stay float32)
+      attention="xla",  # xla: einsum + softmax; cudnn: jax.nn.dot_product_attention's fused cuDNN kernel (GPU)
+      remat="none",  # rematerialise each block: none | full | dots (keep matmul outputs) | dots_no_batch
+      scan_layers=False,  # nn.scan over the blocks: one compiled block, stacked [depth, ...] parameters
       layer_norm_eps=1e-6,  # backbone LayerNorms (timm); Hugging Face checkpoints use 1e-12 everywhere
       head_layer_norm_eps=1e-5,  # the classifier's LayerNorm (PyTorch's default upstream)
   ))
@@ -123,7 +126,26 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every_epochs=1,
       progress_bar=True,
       tensorboard=True,
+      max_steps=0,  # > 0: stop after this many steps (benchmarks, tests); 0: epochs * steps per epoch
+      grad_accum_steps=1,  # split each batch into this many micro-batches, one update per batch
+      peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0: look the device kind up (ast_jax/bench/flops.py)
   ))
+
+  # Parallelism is configuration: a mesh of named axes (-1: every remaining device) and a table mapping the
+  # logical axis names carried by parameters and activations to mesh axes (ast_jax/parallel/sharding.py).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("qkv", "tensor"),
+      ("norm", None),
+      ("kv", None),
+      ("length", None),
+      ("classes", None),
+      ("layers", None),
+  )
   return config
 
 

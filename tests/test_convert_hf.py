@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from ast_jax.convert import hf, model_dir, original  # noqa: E402
 from ast_jax.convert.init import initial_params  # noqa: E402
-from ast_jax.models import build_model  # noqa: E402
+from ast_jax.models import build_model, init_params  # noqa: E402
 
 SIZES = {"tiny": (192, 3), "base": (768, 12)}
 
@@ -74,7 +74,7 @@ def native_bundle(num_classes=5, frames=128, stride=10) -> model_dir.ModelBundle
   config = model_dir.bundle_config(dict(variant="", width=64, depth=2, num_heads=2, fstride=stride, tstride=stride),
                                    dict(target_length=frames, mean=-5.0, std=4.0), num_classes)
   model = build_model(config)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, frames, 128)))["params"]
+  params = init_params(model, jax.random.key(0), jnp.zeros((1, frames, 128)))
   noise = np.random.default_rng(1)
   params = jax.tree.map(lambda p: np.asarray(p) + 0.05 * noise.standard_normal(p.shape).astype(np.float32), params)
   return model_dir.ModelBundle(params, config, [f"label{i}" for i in range(num_classes)])
@@ -131,7 +131,7 @@ def test_mismatched_backbone_is_an_error_naming_the_tensor(tmp_path):
   path = str(tmp_path / "audioset_10_10_0.1.pth")
   original.save_original(path, small.params)
   wider = model_dir.bundle_config(dict(variant="", width=96, depth=2, num_heads=2), dict(target_length=1024), 5)
-  template = jax.jit(build_model(wider).init)(jax.random.key(0), jnp.zeros((1, 1024, 128)))["params"]
+  template = init_params(build_model(wider), jax.random.key(0), jnp.zeros((1, 1024, 128)))
   with pytest.raises(ValueError, match=r"cls_token: checkpoint \(1, 1, 64\), model \(1, 1, 96\)"):
     original.load_original(path, jax.tree.map(np.asarray, template), wider.model, 128, 1024)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ast_jax.convert import adapt_pos_embed, bilinear_resize, imagenet_init, read_state_dict, sum_rgb_kernel
-from ast_jax.models import AST
+from ast_jax.models import AST, init_params
 
 WIDTH, DEPTH, HEADS = 48, 2, 3
 
@@ -116,7 +116,7 @@ def timm_state_dict(width=WIDTH, depth=DEPTH, grid=24, distilled=True, seed=0) -
 def fresh_params():
   """Small AST at 128 mel bins x 1024 frames, stride 10: a 12 x 101 patch grid."""
   model = AST(num_classes=5, width=WIDTH, depth=DEPTH, num_heads=HEADS)
-  return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1024, 128)))["params"]
+  return init_params(model, jax.random.key(0), jnp.zeros((1, 1024, 128)))
 
 
 def test_imagenet_init_deit(fresh_params):

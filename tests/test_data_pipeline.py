@@ -116,9 +116,9 @@ def test_hosts_split_each_global_batch():
   for step in range(3):
     for key in single[step]:
       assert hosts[0][step][key].shape[0] == 4
-      # Host h holds the global batch's positions h, h + 2, ...
-      np.testing.assert_array_equal(single[step][key][0::2], hosts[0][step][key], err_msg=key)
-      np.testing.assert_array_equal(single[step][key][1::2], hosts[1][step][key], err_msg=key)
+      # Host h holds the h-th contiguous half, so the assembled global batch is the single-host batch.
+      np.testing.assert_array_equal(single[step][key][:4], hosts[0][step][key], err_msg=key)
+      np.testing.assert_array_equal(single[step][key][4:], hosts[1][step][key], err_msg=key)
 
 
 @pytest.mark.parametrize("shard_count", [1, 2])

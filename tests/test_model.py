@@ -1,12 +1,13 @@
 """AST model: sizes from the paper, token layout, and a NumPy reference forward pass."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.special import erf
 
-from ast_jax.models import AST, patch_grid
+from ast_jax.models import AST, init_params, patch_grid
 from ast_jax.models.ast import PatchEmbed, model_kwargs
 
 
@@ -15,7 +16,7 @@ def count(params) -> int:
 
 
 def abstract_params(model, frames=1024, mel_bins=128):
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, frames, mel_bins))))["params"]
+  return nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, frames, mel_bins))))["params"])
 
 
 def test_ast_base_audioset_size_and_tokens():
@@ -35,7 +36,7 @@ def test_recipe_grids(frames, grid):
 def test_tokens_are_frequency_major():
   model = AST(num_classes=3, width=8, depth=1, num_heads=2, fstride=16, tstride=16)
   spectrogram = jax.random.normal(jax.random.key(1), (1, 64, 48))  # 3 x 4 patches
-  variables = jax.jit(model.init)(jax.random.key(0), spectrogram)
+  variables = {"params": init_params(model, jax.random.key(0), spectrogram)}
   kernel = np.asarray(variables["params"]["patch_embed"]["proj"]["kernel"])[..., 0, :]  # [16 (freq), 16 (time), D]
   embed = PatchEmbed(8, 16, 16, 16)
   tokens = jax.jit(embed.apply)({"params": variables["params"]["patch_embed"]}, spectrogram)
@@ -90,7 +91,7 @@ def reference_forward(params, spectrogram, num_heads, fstride, tstride):
 def test_forward_matches_numpy_reference(stride):
   model = AST(num_classes=5, width=48, depth=2, num_heads=3, fstride=stride, tstride=stride)
   spectrogram = jax.random.normal(jax.random.key(2), (1, 64, 32))
-  params = jax.jit(model.init)(jax.random.key(0), spectrogram)["params"]
+  params = init_params(model, jax.random.key(0), spectrogram)
   # Non-trivial LayerNorm parameters, so a wrong epsilon or a swapped scale/bias shows.
   noise = np.random.default_rng(0)
   params = jax.tree.map(lambda leaf: leaf + 0.1 * noise.standard_normal(leaf.shape).astype(np.float32), params)
@@ -103,7 +104,7 @@ def test_forward_matches_numpy_reference(stride):
 def test_bfloat16_compute_stays_finite_and_close():
   spectrogram = jax.random.normal(jax.random.key(3), (2, 64, 64))
   fp32 = AST(num_classes=4, width=64, depth=2, num_heads=2)
-  params = jax.jit(fp32.init)(jax.random.key(0), spectrogram)["params"]
+  params = init_params(fp32, jax.random.key(0), spectrogram)
   bf16 = AST(num_classes=4, width=64, depth=2, num_heads=2, dtype=jnp.bfloat16)
   low, _ = jax.jit(bf16.apply)({"params": params}, spectrogram)
   high, _ = jax.jit(fp32.apply)({"params": params}, spectrogram)

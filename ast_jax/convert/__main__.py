@@ -43,7 +43,7 @@ def read_original(path: str):
   import jax.numpy as jnp
 
   from ast_jax.convert import model_dir, original
-  from ast_jax.models import build_model
+  from ast_jax.models import build_model, init_params
 
   if _CONFIG.value is None:
     raise app.UsageError("--from=original needs --config=configs/X.py (the recipe the weights belong to)")
@@ -52,7 +52,7 @@ def read_original(path: str):
   names, ids = model_dir.label_names_from_csv(label_csv) if label_csv else ([], [])
   model = build_model(config)
   example = jnp.zeros((1, config.audio.target_length, config.audio.num_mel_bins))
-  template = jax.tree.map(jax.device_get, jax.jit(model.init)(jax.random.key(0), example)["params"])
+  template = jax.tree.map(jax.device_get, init_params(model, jax.random.key(0), example))
   params, report = original.load_original(path, template, config.model, config.audio.num_mel_bins,
                                           config.audio.target_length)
   logging.info("%s: %s", path, report.summary())

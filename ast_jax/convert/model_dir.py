@@ -120,8 +120,11 @@ def load_training_checkpoint(workdir: str) -> ModelBundle:
     meta = json.load(handle)
   config = json.loads(meta["config"])
   state = ocp.PyTreeCheckpointer().restore(os.path.join(latest, "state"))
-  bundle = bundle_config(config["model"], config["audio"], config["num_classes"], config["train"]["loss"])
-  params = jax.tree.map(np.asarray, state["params"])
+  from ast_jax.models.layers import unscan_layers
+
+  bundle = bundle_config({**config["model"], "scan_layers": False}, config["audio"], config["num_classes"],
+                         config["train"]["loss"])
+  params = unscan_layers(jax.tree.map(np.asarray, state["params"]))
   return ModelBundle(params, bundle, list(meta["label_names"]))
 
 

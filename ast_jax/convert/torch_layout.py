@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ast_jax.models.layers import unscan_layers
+
 # (our path under a block, timm name under `blocks.{i}.`, kind)
 BLOCK_TENSORS = (
     ("norm1", "norm1", "norm"), ("attn/qkv", "attn.qkv", "dense"), ("attn/proj", "attn.proj", "dense"),
@@ -43,6 +45,7 @@ def depth_of(params: Mapping[str, Any]) -> int:
 
 def params_to_timm(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """AST params -> {timm/upstream name: float32 array} (backbone as `v.*` would hold it, head as `mlp_head.*`)."""
+  params = unscan_layers(params)
   state = {
       "cls_token": np.asarray(params["cls_token"]),
       "dist_token": np.asarray(params["dist_token"]),

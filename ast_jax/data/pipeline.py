@@ -5,8 +5,9 @@ Batches are dicts of numpy arrays (see `ast_jax.data.reader`): `waveform` float3
 `index` int32 `[batch]`. The log-mel front end and spectrogram augmentation run later, inside the jitted step.
 
 The training stream is a sequence of global positions 0, 1, 2, ...: position p belongs to epoch
-p // len(train) and holds the example `EpochSampler` puts there; host h of N takes positions h, h + N, ...,
-so global batch k is positions [k * batch_size, (k + 1) * batch_size) whatever the host count. Every random
+p // len(train) and holds the example `EpochSampler` puts there. Global batch k is positions
+[k * batch_size, (k + 1) * batch_size) whatever the host count, and host h of N reads its h-th contiguous block of
+batch_size / N positions, so the assembled global array is the same examples in the same order as on one host. Every random
 choice of a record is seeded by (seed, position), so an iterator restored from `get_state()` replays exactly,
 and batches do not depend on `num_workers`.
 """
@@ -64,8 +65,7 @@ def train_dataset(
       .map(EpochSampler(len(source.train), seed, weights))
       .random_map(records, seed=augment_seed)  # seeded by the global position, before sharding
   )
-  dataset = dataset[shard_index::shard_count].batch(per_host, drop_remainder=True)
-  return _to_iter(config, dataset)
+  return _to_iter(config, _host_blocks(dataset, per_host, shard_index, shard_count))
 
 
 def train_iterator(
@@ -81,8 +81,8 @@ def eval_iterator(
 ) -> grain.IterDataset:
   """Every evaluation example once, in order, without augmentation; iterate it again for every evaluation.
 
-  Global batch size `config.data.eval_batch_size` (or `batch_size`), `// shard_count` per host; host h takes
-  positions h, h + N, ... The last batches are padded (mask 0, index -1) so every host yields the same count.
+  Global batch size `config.data.eval_batch_size` (or `batch_size`), `// shard_count` per host; host h reads the
+  h-th block of each global batch. The last batch is padded (mask 0, index -1) so every host yields the same count.
   """
   _check_labels(config, source)
   global_batch = config.data.eval_batch_size or config.data.batch_size
@@ -91,8 +91,13 @@ def eval_iterator(
   records = EvalRecords(
       _reader(config, source.eval), [e.labels for e in source.eval], config.num_classes, clip_samples(config)
   )
-  dataset = grain.MapDataset.range(total)[shard_index::shard_count].map(records).batch(per_host)
-  return _to_iter(config, dataset)
+  dataset = grain.MapDataset.range(total).map(records)
+  return _to_iter(config, _host_blocks(dataset, per_host, shard_index, shard_count))
+
+
+def _host_blocks(dataset: grain.MapDataset, per_host: int, shard_index: int, shard_count: int) -> grain.MapDataset:
+  """Host `shard_index`'s batches: block `shard_index` of every run of `shard_count` consecutive blocks."""
+  return dataset.batch(per_host, drop_remainder=True)[shard_index::shard_count]
 
 
 def _reader(config: ml_collections.ConfigDict, examples: Sequence[Example]) -> WaveformReader:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 from ast_jax.models.ast import AST, VARIANTS, patch_grid
 
@@ -19,4 +20,10 @@ def build_model(config: Any) -> nn.Module:
   raise ValueError(f"unknown model {name!r}; available: 'ast'")
 
 
-__all__ = ["AST", "VARIANTS", "build_model", "patch_grid"]
+def init_params(model: nn.Module, rng: jax.Array, spectrogram: jax.Array) -> Any:
+  """Freshly initialised parameters as plain arrays (the logical axis names stripped; see parallel/sharding.py
+  for creating them sharded). spectrogram `[batch, frames, mel_bins]` only fixes the shapes."""
+  return jax.jit(lambda rng, x: nn.meta.unbox(model.init(rng, x)["params"]))(rng, spectrogram)
+
+
+__all__ = ["AST", "VARIANTS", "build_model", "init_params", "patch_grid"]

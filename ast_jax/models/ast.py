@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ast_jax.models.vit import Dtype, Encoder, trunc_normal
+from ast_jax.models.vit import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, Dtype, Encoder, dense, layer_norm,
+                                trunc_normal, with_names)
 
 # DeiT sizes: (width, depth, heads).
 VARIANTS = {
@@ -45,7 +46,9 @@ class PatchEmbed(nn.Module):
     """spectrogram `[batch, frames, mel_bins]` -> tokens `[batch, f * t, width]` (index = f_index * t + t_index)."""
     image = jnp.swapaxes(spectrogram, 1, 2)[..., None]
     patches = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=(self.fstride, self.tstride),
-                      padding="VALID", dtype=self.dtype, name="proj")(image)
+                      padding="VALID", dtype=self.dtype, name="proj",
+                      kernel_init=with_names(nn.initializers.lecun_normal(), None, None, None, "embed"),
+                      bias_init=with_names(nn.initializers.zeros_init(), "embed"))(image)
     batch, freq, time, width = patches.shape
     return patches.reshape(batch, freq * time, width)
 
@@ -65,7 +68,9 @@ class AST(nn.Module):
   attention_dropout: float = 0.0
   layer_norm_eps: float = 1e-6  # timm's, in the backbone
   head_layer_norm_eps: float = 1e-5  # the head's LayerNorm is PyTorch's default, not timm's 1e-6
-  remat: bool = False
+  attention: str = "xla"  # xla | cudnn
+  remat: str = "none"  # none | full | dots | dots_no_batch
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -74,15 +79,17 @@ class AST(nn.Module):
     freq, time = patch_grid(mel_bins, frames, self.patch_size, self.fstride, self.tstride)
     tokens = PatchEmbed(self.width, self.patch_size, self.fstride, self.tstride, self.dtype,
                         name="patch_embed")(spectrogram.astype(self.dtype))
-    cls_token = self.param("cls_token", trunc_normal, (1, 1, self.width))
-    dist_token = self.param("dist_token", trunc_normal, (1, 1, self.width))
+    cls_token = self.param("cls_token", with_names(trunc_normal, None, None, "embed"), (1, 1, self.width))
+    dist_token = self.param("dist_token", with_names(trunc_normal, None, None, "embed"), (1, 1, self.width))
     prefix = jnp.concatenate([cls_token, dist_token], axis=1).astype(self.dtype)
     tokens = jnp.concatenate([jnp.broadcast_to(prefix, (batch, 2, self.width)), tokens], axis=1)
-    pos_embed = self.param("pos_embed", trunc_normal, (1, freq * time + 2, self.width))
+    pos_embed = self.param("pos_embed", with_names(trunc_normal, None, None, "embed"),
+                           (1, freq * time + 2, self.width))
     tokens = tokens + pos_embed.astype(self.dtype)
     tokens = nn.Dropout(self.dropout)(tokens, deterministic=not train)
     tokens = Encoder(self.depth, self.num_heads, self.mlp_ratio * self.width, self.dropout, self.attention_dropout,
-                     self.layer_norm_eps, remat=self.remat, dtype=self.dtype, name="encoder")(tokens, train=train)
+                     self.layer_norm_eps, attention=self.attention, remat=self.remat, scan_layers=self.scan_layers,
+                     dtype=self.dtype, name="encoder")(tokens, train=train)
     pooled = (tokens[:, 0] + tokens[:, 1]) / 2
     logits = ClassifierHead(self.num_classes, self.head_layer_norm_eps, self.dtype, name="head")(pooled)
     return logits, {"embedding": pooled.astype(jnp.float32), "tokens": tokens}
@@ -97,8 +104,8 @@ class ClassifierHead(nn.Module):
 
   @nn.compact
   def __call__(self, pooled: jax.Array) -> jax.Array:
-    normed = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(pooled)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=trunc_normal, name="dense")(normed)
+    normed = layer_norm(self.layer_norm_eps, self.dtype, "norm")(pooled)
+    logits = dense(self.num_classes, "embed", "classes", self.dtype, "dense")(normed)
     return logits.astype(jnp.float32)
 
 
@@ -118,8 +125,16 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(model_config.get("dtype", "float32"))
   if dtype is None:
     raise ValueError(f"config.model.dtype must be float32 or bfloat16, not {model_config.get('dtype')!r}")
+  remat = model_config.get("remat", "none")
+  remat = {True: "full", False: "none"}.get(remat, remat)  # model directories written before remat policies
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat must be one of {sorted(REMAT_POLICIES)}, not {remat!r}")
+  attention = model_config.get("attention", "xla")
+  if attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"config.model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, not {attention!r}")
   fields = {f.name for f in dataclasses.fields(AST)}
   extra = {key: model_config[key] for key in ("mlp_ratio", "patch_size", "fstride", "tstride", "dropout",
-                                               "attention_dropout", "remat", "layer_norm_eps", "head_layer_norm_eps")
+                                               "attention_dropout", "layer_norm_eps", "head_layer_norm_eps",
+                                               "scan_layers")
            if key in model_config and key in fields}
-  return dict(width=width, depth=depth, num_heads=num_heads, dtype=dtype, **extra)
+  return dict(width=width, depth=depth, num_heads=num_heads, dtype=dtype, remat=remat, attention=attention, **extra)

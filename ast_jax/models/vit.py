@@ -1,12 +1,14 @@
 """The ViT encoder shared by every transformer variant: pre-LN blocks, attention with an optional mask.
 
 Parameter names follow timm's ViT (`qkv`, `proj`, `fc1`, `fc2`, `norm1`, `norm2`) so that weight conversion is a
-rename plus a transpose.
+rename plus a transpose. Every parameter carries logical axis names and activations are constrained by name
+(`ast_jax/parallel/sharding.py` maps names to mesh axes); outside a mesh the names are inert.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -14,6 +16,47 @@ import jax.numpy as jnp
 
 Dtype = Any
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the elementwise work
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
+
+
+def with_names(init: Callable[..., Any], *names: str | None) -> Callable[..., Any]:
+  """An initialiser whose parameter carries logical axis names (one per dimension)."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def dense(features: int, in_name: str | None, out_name: str | None, dtype: Dtype, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, name=name, kernel_init=with_names(trunc_normal, in_name, out_name),
+                  bias_init=with_names(nn.initializers.zeros_init(), out_name))
+
+
+def layer_norm(epsilon: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, name=name,
+                      scale_init=with_names(nn.initializers.ones_init(), "norm"),
+                      bias_init=with_names(nn.initializers.zeros_init(), "norm"))
+
+
+def constrain(tokens: jax.Array, *names: str | None) -> jax.Array:
+  return nn.with_logical_constraint(tokens, names)
+
+
+def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, implementation: str,
+           dtype: Dtype) -> jax.Array:
+  """softmax(q k^T) v over `[batch, length, heads, head_dim]` (q already scaled); the softmax runs in float32."""
+  if implementation == "cudnn":
+    # The fused cuDNN flash-attention kernel (GPU, bf16/fp16); q is pre-scaled, so scale=1.
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0, implementation="cudnn")
+  # Two einsums and a softmax: on CPU this beats the generic dot_product_attention path (REFERENCE.md 7).
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
 class Attention(nn.Module):
@@ -22,26 +65,31 @@ class Attention(nn.Module):
   num_heads: int
   dropout: float = 0.0
   scale_logits: bool = True  # ElasticAST's released weights were trained without 1/sqrt(d_head)
+  implementation: str = "xla"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
     """tokens `[batch, length, width]`; mask `[batch, 1 | heads, length, length]` (True = may attend)."""
+    if self.implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention implementation {self.implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
     batch, length, width = tokens.shape
     head_dim = width // self.num_heads
-    qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=trunc_normal, name="qkv")(tokens)
+    qkv = dense(3 * width, "embed", "qkv", self.dtype, "qkv")(tokens)
     qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
-    query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    query, key, value = (constrain(qkv[:, :, i], "batch", "length", "act_heads", None) for i in range(3))
     if self.scale_logits:
       query = query * jnp.asarray(head_dim**-0.5, query.dtype)
-    # Two einsums and a softmax: on CPU this beats the generic dot_product_attention path (REFERENCE.md 7).
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
-    mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, length, width)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(mixed)
+    if self.dropout and train:  # dropout on the attention weights needs them materialised
+      logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      weights = nn.Dropout(self.dropout)(jax.nn.softmax(logits, axis=-1).astype(self.dtype), deterministic=False)
+      mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    else:
+      mixed = attend(query, key, value, mask, self.implementation, self.dtype)
+    mixed = constrain(mixed, "batch", "length", "act_heads", None).reshape(batch, length, width)
+    return dense(width, "heads", "embed", self.dtype, "proj")(mixed)
 
 
 class Mlp(nn.Module):
@@ -54,10 +102,10 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
     width = tokens.shape[-1]
-    hidden = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=trunc_normal, name="fc1")(tokens)
-    hidden = nn.gelu(hidden, approximate=False)
+    hidden = dense(self.hidden, "embed", "mlp", self.dtype, "fc1")(tokens)
+    hidden = constrain(nn.gelu(hidden, approximate=False), "batch", "length", "act_mlp")
     hidden = nn.Dropout(self.dropout)(hidden, deterministic=not train)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="fc2")(hidden)
+    return dense(width, "mlp", "embed", self.dtype, "fc2")(hidden)
 
 
 class Block(nn.Module):
@@ -69,21 +117,35 @@ class Block(nn.Module):
   attention_dropout: float = 0.0
   layer_norm_eps: float = 1e-6
   scale_logits: bool = True
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
-    normed = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm1")(tokens)
-    attended = Attention(self.num_heads, self.attention_dropout, self.scale_logits, self.dtype, name="attn")(
-        normed, mask, train=train)
+    tokens = constrain(tokens, "batch", "length", "act_embed")
+    normed = layer_norm(self.layer_norm_eps, self.dtype, "norm1")(tokens)
+    attended = Attention(self.num_heads, self.attention_dropout, self.scale_logits, self.attention, self.dtype,
+                         name="attn")(normed, mask, train=train)
     tokens = tokens + nn.Dropout(self.dropout)(attended, deterministic=not train)
-    normed = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm2")(tokens)
+    normed = layer_norm(self.layer_norm_eps, self.dtype, "norm2")(tokens)
     hidden = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(normed, train=train)
     return tokens + nn.Dropout(self.dropout)(hidden, deterministic=not train)
 
 
+class _ScanBlock(Block):
+  """A Block in nn.scan's (carry, input) -> (carry, output) form."""
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, train: bool = False):
+    return super().__call__(tokens, mask, train), None
+
+
 class Encoder(nn.Module):
-  """`depth` blocks then the final LayerNorm. Returns `[batch, length, width]`."""
+  """`depth` blocks then the final LayerNorm. Returns `[batch, length, width]`.
+
+  Unscanned, the blocks are `blocks_0 ... blocks_{depth-1}`; with `scan_layers` they are one `blocks` module
+  whose parameters are stacked on a leading 'layers' axis (`ast_jax.models.layers` converts between the two).
+  """
 
   depth: int
   num_heads: int
@@ -92,15 +154,29 @@ class Encoder(nn.Module):
   attention_dropout: float = 0.0
   layer_norm_eps: float = 1e-6
   scale_logits: bool = True
-  remat: bool = False
+  attention: str = "xla"
+  remat: str = "none"
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
-    # Rematerialisation trades compute for activation memory on long sequences.
-    block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
-    for index in range(self.depth):
-      block = block_cls(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout, self.layer_norm_eps,
-                        self.scale_logits, self.dtype, name=f"blocks_{index}")
-      tokens = block(tokens, mask, train)
-    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(tokens)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    block_cls = _ScanBlock if self.scan_layers else Block
+    if self.remat != "none":
+      # Rematerialisation trades compute for activation memory on long sequences.
+      block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], static_argnums=(3,),
+                           prevent_cse=not self.scan_layers)
+    block = functools.partial(block_cls, self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
+                              self.layer_norm_eps, self.scale_logits, self.attention, self.dtype)
+    if self.scan_layers:
+      scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      tokens, _ = scanned(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout, self.layer_norm_eps,
+                          self.scale_logits, self.attention, self.dtype, name="blocks")(tokens, mask, train)
+    else:
+      for index in range(self.depth):
+        tokens = block(name=f"blocks_{index}")(tokens, mask, train)
+    return layer_norm(self.layer_norm_eps, self.dtype, "norm")(tokens)

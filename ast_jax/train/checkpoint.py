@@ -27,23 +27,25 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)), force=True)
+  def save(self, step: int, state: Any, data_iterator: Any | None, meta: dict[str, Any]) -> None:
+    """Every process calls this: each writes its shards of `state` and its own iterator position."""
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, state_template: Any, data_iterator: Any) -> tuple[Any, dict[str, Any]] | None:
-    """Restores the latest checkpoint into `state_template`'s structure and shardings and moves `data_iterator`
-    to the saved position. Returns (state, meta), or None when there is no checkpoint."""
+  def restore(self, state_template: Any, data_iterator: Any | None) -> tuple[Any, dict[str, Any]] | None:
+    """Restores the latest checkpoint into `state_template`'s structure and shardings (which may come from another
+    mesh than the one that saved it) and moves `data_iterator` to the saved position. Returns (state, meta), or
+    None when there is no checkpoint."""
     step = self.manager.latest_step()
     if step is None:
       return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(data_iterator),
-        meta=ocp.args.JsonRestore()))
+    items = dict(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     log.info("restored checkpoint at step %d", step)
     return restored["state"], restored["meta"]
 

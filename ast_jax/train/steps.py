@@ -18,20 +18,40 @@ Batch = dict[str, jax.Array]
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, config: Any,
                     base_rng: jax.Array) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-  """waveforms -> front end with SpecAugment -> model -> loss -> Adam update. Randomness is a function of the step."""
+  """waveforms -> front end with SpecAugment -> model -> loss -> Adam update. Randomness is a function of the step.
+
+  With `config.train.grad_accum_steps` = A > 1 the batch is split into A micro-batches (each spread over every
+  data-parallel device) whose gradients are summed in float32 before one update: the same update as one big batch,
+  for 1/A of the activation memory.
+  """
   audio, augment, loss_kind = config.audio.to_dict(), config.augment.to_dict(), config.train.loss
-  label_smoothing = config.train.label_smoothing
+  label_smoothing, accum_steps = config.train.label_smoothing, config.train.grad_accum_steps
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     step_rng = jax.random.fold_in(base_rng, state.step)
     augment_rng, dropout_rng = jax.random.split(step_rng)
     features = model_input(batch["waveform"], batch["num_samples"], audio, augment=augment, rng=augment_rng)
+    total = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
 
-    def loss_fn(params):
-      logits, _ = model.apply({"params": params}, features, train=True, rngs={"dropout": dropout_rng})
-      return classification_loss(logits, batch["label"], batch["mask"], loss_kind, label_smoothing)
+    def loss_fn(params, features, labels, mask, rng):
+      logits, _ = model.apply({"params": params}, features, train=True, rngs={"dropout": rng})
+      # Weighted by this micro-batch's share of the real examples, so the sum over micro-batches is the mean.
+      return classification_loss(logits, labels, mask, loss_kind, label_smoothing) * jnp.sum(mask) / total
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn)
+    inputs = (features, batch["label"], batch["mask"])
+    if accum_steps == 1:
+      loss, grads = grad_fn(state.params, *inputs, dropout_rng)
+    else:
+      micro = jax.tree.map(lambda x: _micro_batches(x, accum_steps), inputs)
+
+      def accumulate(carry, index_and_inputs):
+        index, micro_inputs = index_and_inputs
+        loss, grads = grad_fn(state.params, *micro_inputs, jax.random.fold_in(dropout_rng, index))
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": jnp.asarray(schedule(state.step))}
@@ -41,6 +61,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     return new_state, metrics
 
   return train_step
+
+
+def _micro_batches(array: jax.Array, count: int) -> jax.Array:
+  """`[batch, ...]` -> `[count, batch / count, ...]`, micro-batch i = rows i, i + count, ... so that every
+  micro-batch keeps an equal share on each data-parallel device."""
+  batch = array.shape[0]
+  if batch % count:
+    raise ValueError(f"batch {batch} does not split into {count} micro-batches")
+  micro = jnp.swapaxes(array.reshape(batch // count, count, *array.shape[1:]), 0, 1)
+  return nn.with_logical_constraint(micro, (None, "batch") + (None,) * (array.ndim - 1))
 
 
 def make_eval_step(model: nn.Module, config: Any) -> Callable[[Any, Batch], dict[str, jax.Array]]:

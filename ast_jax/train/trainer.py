@@ -17,10 +17,13 @@ from ast_jax import data as data_lib
 from ast_jax.convert import model_dir
 from ast_jax.convert.init import initial_params
 from ast_jax.models import build_model
-from ast_jax.parallel import global_batch, make_mesh, replicated
+from ast_jax.bench.flops import config_flops, peak_flops_per_device
+from ast_jax.models.layers import to_layout, unscan_layers
+from ast_jax.parallel import (batch_sharding, create_sharded, data_parallel_size, global_batch, logical_rules,
+                              make_mesh, put_host_tree, replicated, sharded_jit, to_host)
 from ast_jax.train import state as state_lib
 from ast_jax.train.checkpoint import Checkpointer
-from ast_jax.train.config_checks import validate_config
+from ast_jax.train.config_checks import ConfigError, validate_config
 from ast_jax.train.metrics import classification_metrics
 from ast_jax.train.optim import make_optimizer, make_schedule
 from ast_jax.train.steps import make_eval_step, make_train_step
@@ -33,35 +36,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the last evaluation record."""
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  mesh = make_mesh()
-  if config.data.batch_size % mesh.size:
-    raise ValueError(f"config.data.batch_size={config.data.batch_size} must divide over {mesh.size} devices")
+  mesh, rules = make_mesh(config.mesh), logical_rules(config.sharding_rules)
+  check_batch_divides(config, mesh)
 
-  # Input.
+  # Input: each process reads its block of every global batch.
   sources = data_lib.build_sources(config)
   steps_per_epoch = data_lib.steps_per_epoch(config, sources)
   total_steps = config.train.epochs * steps_per_epoch
+  if config.train.max_steps:
+    total_steps = min(total_steps, config.train.max_steps)
   host = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   train_iter = data_lib.train_iterator(config, sources, seed=config.seed, **host)
 
-  # Model, optimiser and state, created directly on the mesh.
+  # Model, optimiser and state, created directly in their shards.
   model = build_model(config)
   schedule = make_schedule(config.optim, steps_per_epoch, total_steps)
   tx = make_optimizer(config.optim, schedule)
   first_avg, last_avg = config.train.average_weights
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  example = jnp.zeros((1, config.audio.target_length, config.audio.num_mel_bins), jnp.float32)
-  params = jax.jit(model.init, out_shardings=replicated(mesh))(init_rng, example)["params"]
-  if config.init_from:
-    params = jax.device_put(initial_params(config.init_from, jax.device_get(params), config), replicated(mesh))
-  init_fn = lambda params: state_lib.create_train_state(params, tx, first_avg > 0)
-  state = jax.jit(init_fn, out_shardings=replicated(mesh))(params)
-  log.info("model %s: %.2f M parameters; %d steps per epoch, %d epochs", config.model.name,
-           sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, steps_per_epoch, config.train.epochs)
+  state, state_shardings = initial_state(config, model, tx, mesh, rules, init_rng)
+  flops = config_flops(config)
+  peak = peak_flops_per_device(jax.devices()[0], config.model.dtype, config.train.peak_flops)
+  log.info("model %s: %.2f M parameters, %d tokens, %.1f GFLOP per training example; mesh %s; %d steps per "
+           "epoch, %d steps", config.model.name, sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+           flops["tokens"], flops["train_flops"] / 1e9, dict(mesh.shape), steps_per_epoch, total_steps)
 
-  # Steps, jitted once.
-  train_step = jax.jit(make_train_step(model, tx, schedule, config, train_rng), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model, config))
+  # Steps, jitted once, traced under the mesh and the logical axis rules.
+  data_sharding = batch_sharding(mesh)
+  train_step = sharded_jit(make_train_step(model, tx, schedule, config, train_rng), mesh, rules,
+                           in_shardings=(state_shardings, data_sharding),
+                           out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+  eval_step = sharded_jit(make_eval_step(model, config), mesh, rules,
+                          in_shardings=(state_shardings.params, data_sharding))
 
   # Restore.
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
@@ -83,7 +89,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return record
 
   record: dict[str, Any] = writer.last_record() or {}
-  epoch_stats = {key: record[key] for key in ("train_loss", "lr", "examples_per_sec") if key in record}
+  epoch_stats = {key: record[key] for key in ("train_loss", "lr", "examples_per_sec", "tokens_per_sec", "mfu")
+                 if key in record}
   if start_step >= total_steps and record and (first_avg == 0 or record.get("weights") == "averaged"):
     log.info("the run in %s is complete (step %d); nothing to do", workdir, start_step)
     return record
@@ -91,31 +98,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Loop.
   progress = Progress(total_steps, start_step, config.train.log_every_steps, config.train.progress_bar)
   epoch_start_time, epoch_start_step, last_loss = time.perf_counter(), start_step, None
-  global_batch_size = config.data.batch_size
+  throughput = Throughput(config.data.batch_size, flops, peak, jax.device_count())
   for step in range(start_step, total_steps):
     state, metrics = train_step(state, global_batch(mesh, next(train_iter)))
     done, epoch = step + 1, step // steps_per_epoch + 1
     if done % config.train.log_every_steps == 0 or done == total_steps:
-      last_loss = float(metrics["loss"])
+      last_loss = float(metrics["loss"])  # waits for the step, so the interval's rate is measured
       if not np.isfinite(last_loss):
         raise FloatingPointError(f"training loss is {last_loss} at step {done}; the last checkpoint is intact")
       writer.write_scalars(done, {"train/loss": last_loss, "train/lr": float(metrics["lr"]),
-                                  "train/grad_norm": float(metrics["grad_norm"])})
-    rate = (done - epoch_start_step) * global_batch_size / max(time.perf_counter() - epoch_start_time, 1e-9)
+                                  "train/grad_norm": float(metrics["grad_norm"]), **throughput.interval(done)})
+    rate = (done - epoch_start_step) * config.data.batch_size / max(time.perf_counter() - epoch_start_time, 1e-9)
     progress.update(done, epoch, last_loss, rate)
     if done % steps_per_epoch == 0:
       jax.block_until_ready(state)
-      examples_per_sec = (done - epoch_start_step) * global_batch_size / (time.perf_counter() - epoch_start_time)
+      epoch_seconds = time.perf_counter() - epoch_start_time
       if first_avg <= epoch <= last_avg:
         state = state_lib.accumulate_average(state)
       train_loss = float(state.epoch_loss_sum / jnp.maximum(state.epoch_loss_count, 1))
       state = state_lib.reset_epoch_loss(state)
-      epoch_stats = {"train_loss": train_loss, "lr": float(metrics["lr"]), "examples_per_sec": examples_per_sec}
+      epoch_stats = {"train_loss": train_loss, "lr": float(metrics["lr"]),
+                     **throughput.summary(done - epoch_start_step, epoch_seconds)}
       if epoch % config.train.eval_every_epochs == 0 or done == total_steps:
         record = evaluate(state.params, done, epoch, epoch_stats)
       checkpointer.save(done, state, train_iter, {**run_meta, "epoch": epoch})
       epoch_start_time, epoch_start_step = time.perf_counter(), done
-    elif config.train.checkpoint_every_steps and done % config.train.checkpoint_every_steps == 0:
+    elif done == total_steps or (config.train.checkpoint_every_steps
+                                 and done % config.train.checkpoint_every_steps == 0):
       checkpointer.save(done, state, train_iter, {**run_meta, "epoch": epoch - 1})
   progress.close()
 
@@ -123,9 +132,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     averaged_epochs = [first_avg, min(last_avg, config.train.epochs)]
     record = evaluate(state_lib.averaged_params(state), total_steps, config.train.epochs,
                       {**epoch_stats, "weights": "averaged", "averaged_epochs": averaged_epochs})
+  final = to_host(state_lib.averaged_params(state) if first_avg > 0 and int(state.averaged_count) > 0
+                  else state.params)  # on every process: gathering shards is a collective
   if jax.process_index() == 0:
-    final = state_lib.averaged_params(state) if first_avg > 0 and int(state.averaged_count) > 0 else state.params
-    export_model(os.path.join(workdir, "model"), jax.device_get(final), config, sources.label_names)
+    export_model(os.path.join(workdir, "model"), final, config, sources.label_names)
   checkpointer.wait()
   checkpointer.close()
   writer.close()
@@ -137,10 +147,67 @@ def export_model(path: str, params: Any, config: ml_collections.ConfigDict, labe
   label_ids: list[str] = []
   if config.data.label_csv and os.path.exists(config.data.label_csv):
     label_ids = model_dir.label_names_from_csv(config.data.label_csv)[1]
-  bundle_config = model_dir.bundle_config(config.model, config.audio, config.num_classes, config.train.loss)
-  model_dir.save_model_dir(path, model_dir.ModelBundle(params, bundle_config, list(label_names),
+  # Files hold the unscanned layout, whatever the training layout was.
+  bundle_config = model_dir.bundle_config({**config.model, "scan_layers": False}, config.audio, config.num_classes,
+                                          config.train.loss)
+  model_dir.save_model_dir(path, model_dir.ModelBundle(unscan_layers(params), bundle_config, list(label_names),
                                                        label_ids if len(label_ids) == len(label_names) else []))
   log.info("model written to %s", path)
+
+
+def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, mesh: Any, rules: Any, rng: jax.Array
+                  ) -> tuple[state_lib.TrainState, Any]:
+  """The train state created directly in its shards (random init, then `config.init_from` when set).
+  Returns (state, its shardings)."""
+  example = jnp.zeros((1, config.audio.target_length, config.audio.num_mel_bins), jnp.float32)
+  average = config.train.average_weights[0] > 0
+
+  def init(rng: jax.Array) -> state_lib.TrainState:
+    return state_lib.create_train_state(model.init(rng, example)["params"], tx, average)
+
+  state, shardings = create_sharded(init, mesh, rules, rng)
+  if config.init_from:
+    template = unscan_layers(to_host(state.params))
+    params = to_layout(initial_params(config.init_from, template, config), config.model.scan_layers)
+    params = put_host_tree(jax.tree.map(np.float32, params), shardings.params)
+    state = jax.jit(lambda params: state_lib.create_train_state(params, tx, average), out_shardings=shardings,
+                    donate_argnums=(0,))(params)
+  return state, shardings
+
+
+def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any) -> None:
+  """The global batch must split evenly over the data-parallel devices, the processes and the micro-batches."""
+  dp, accum = data_parallel_size(mesh), config.train.grad_accum_steps
+  for name, size in (("batch_size", config.data.batch_size),
+                     ("eval_batch_size", config.data.eval_batch_size or config.data.batch_size)):
+    if size % dp or size % jax.process_count():
+      raise ConfigError(f"config.data.{name}={size} must divide over the {dp} data-parallel devices (mesh "
+                        f"{dict(mesh.shape)}) and {jax.process_count()} processes")
+  if config.data.batch_size % (accum * dp):
+    raise ConfigError(f"config.data.batch_size={config.data.batch_size} must divide into grad_accum_steps={accum} "
+                      f"micro-batches of a multiple of {dp} data-parallel devices")
+
+
+class Throughput:
+  """examples/s, tokens/s and MFU (model FLOPs from the analytic count / the devices' peak) over an interval."""
+
+  def __init__(self, batch_size: int, flops: dict[str, float], peak: float | None, num_devices: int):
+    self.batch_size, self.flops, self.peak, self.num_devices = batch_size, flops, peak, num_devices
+    self.last_step, self.last_time = None, time.perf_counter()
+
+  def summary(self, steps: int, seconds: float) -> dict[str, float]:
+    examples = steps * self.batch_size / max(seconds, 1e-9)
+    stats = {"examples_per_sec": examples, "tokens_per_sec": examples * self.flops["tokens"]}
+    if self.peak:
+      stats["mfu"] = examples * self.flops["train_flops"] / (self.peak * self.num_devices)
+    return stats
+
+  def interval(self, step: int) -> dict[str, float]:
+    now, last_step, last_time = time.perf_counter(), self.last_step, self.last_time
+    self.last_step, self.last_time = step, now
+    if last_step is None:  # the first interval includes compilation
+      return {}
+    return {f"perf/{key}": value for key, value in self.summary(step - last_step, now - last_time).items()}
 
 
 def evaluate_params(eval_step: Any, params: Any, batches: Iterable[dict[str, np.ndarray]], mesh: Any
