@@ -1,0 +1,135 @@
+"""Analytic FLOP count of the AST, device peak FLOP/s, and model FLOP utilisation (MFU).
+
+What is counted: matrix products only, a multiply-add as 2 FLOPs. Per example, with T tokens (patches + the 2
+prefix tokens), width D, MLP width M:
+- patch embedding: num_patches * patch_size^2 * D * 2 (one input channel);
+- per block: qkv 2*T*D*3D, attention scores 2*T*T*D, attention-weighted sum 2*T*T*D, output projection 2*T*D*D,
+  MLP 2 * 2*T*D*M;
+- head: 2*D*classes.
+Not counted: LayerNorm, softmax, GELU, biases, residual adds, the optimiser update, the front end. A train step is
+3x the forward pass (the backward pass is 2x). Rematerialised forward passes are not counted either: MFU counts
+the model's FLOPs, not the hardware's, so remat lowers MFU rather than inflating it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+# Dense (non-sparse) peak FLOP/s per device from the vendors' spec sheets, matched as a substring of
+# `jax.Device.device_kind`, most specific first. "tf32" is the fp32-input tensor-core rate (used for float32 only
+# when the matmul precision lets XLA use TF32); "fp32" is the non-tensor-core rate.
+PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    # NVIDIA H100 Tensor Core GPU datasheet, H100 PCIe column.
+    ("H100 PCIe", {"bfloat16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column.
+    ("H100", {"bfloat16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    # NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column (the same compute as H100 SXM; GH200 likewise).
+    ("H200", {"bfloat16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    # NVIDIA A100 Tensor Core GPU datasheet (SXM and PCIe share these rates).
+    ("A100", {"bfloat16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    # Google Cloud TPU system architecture pages: v6e (Trillium), v5e, v5p, v4; bf16 peak per chip.
+    ("TPU v6 lite", {"bfloat16": 918e12}),
+    ("TPU v5 lite", {"bfloat16": 197e12}),
+    ("TPU v5", {"bfloat16": 459e12}),
+    ("TPU v4", {"bfloat16": 275e12}),
+)
+
+# jax_default_matmul_precision settings: XLA's default lets NVIDIA GPUs run float32 matmuls on TF32 tensor cores
+# and TPUs as one bfloat16 pass; "highest" forces true float32.
+_DEFAULT_PRECISIONS = ("none", "default", "fastest")
+_TF32_PRECISIONS = _DEFAULT_PRECISIONS + ("tensorfloat32",)
+_FULL_FP32_PRECISIONS = ("highest", "float32")
+
+
+def forward_flops_breakdown(*, width: int, depth: int, mlp_dim: int, num_tokens: int, patch_size: int,
+                            num_patches: int, num_classes: int) -> dict[str, float]:
+  """Forward FLOPs per example, by part: patch_embed, qkv, attention (scores + mix), proj, mlp, head."""
+  tokens, width = float(num_tokens), float(width)
+  return {
+      "patch_embed": num_patches * patch_size**2 * width * 2,
+      "qkv": depth * 2 * tokens * width * 3 * width,
+      "attention": depth * 2 * (2 * tokens * tokens * width),
+      "proj": depth * 2 * tokens * width * width,
+      "mlp": depth * 2 * 2 * tokens * width * mlp_dim,
+      "head": 2 * width * num_classes,
+  }
+
+
+def forward_flops(*, width: int, depth: int, mlp_dim: int, num_tokens: int, patch_size: int, num_patches: int,
+                  num_classes: int) -> float:
+  """Forward-pass FLOPs per example (see the module docstring for what is counted)."""
+  return sum(forward_flops_breakdown(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=num_tokens,
+                                     patch_size=patch_size, num_patches=num_patches,
+                                     num_classes=num_classes).values())
+
+
+def train_flops_per_example(*, width: int, depth: int, mlp_dim: int, num_tokens: int, patch_size: int,
+                            num_patches: int, num_classes: int) -> float:
+  """Train-step FLOPs per example: forward + backward (2x forward); remat is not counted."""
+  return 3 * forward_flops(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=num_tokens, patch_size=patch_size,
+                           num_patches=num_patches, num_classes=num_classes)
+
+
+def config_flops(config: Any) -> dict[str, float]:
+  """FLOPs per example of the model and input shape a config describes.
+
+  Returns width, depth, mlp_dim, patch_size, freq, time, num_patches, tokens (patches + 2 prefix tokens),
+  forward_flops and train_flops (both per example).
+  """
+  from ast_jax.models.ast import model_kwargs, patch_grid
+
+  kwargs = model_kwargs(config.model)
+  width, depth = kwargs["width"], kwargs["depth"]
+  mlp_dim = kwargs.get("mlp_ratio", 4) * width
+  patch_size = kwargs.get("patch_size", 16)
+  freq, time = patch_grid(config.audio.num_mel_bins, config.audio.target_length, patch_size,
+                          kwargs.get("fstride", 10), kwargs.get("tstride", 10))
+  shape = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=freq * time + 2, patch_size=patch_size,
+               num_patches=freq * time, num_classes=config.num_classes)
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, patch_size=patch_size, freq=freq, time=time,
+              num_patches=freq * time, tokens=freq * time + 2, forward_flops=forward_flops(**shape),
+              train_flops=train_flops_per_example(**shape))
+
+
+def _dtype_name(dtype: Any) -> str:
+  name = dtype if isinstance(dtype, str) else getattr(dtype, "__name__", None) or str(dtype)
+  return {"bf16": "bfloat16", "fp32": "float32", "f32": "float32"}.get(name, name)
+
+
+def _float32_peak(peaks: dict[str, float], precision: str) -> float | None:
+  """The rate float32 matmuls run at under a matmul precision; None where no spec-sheet number applies."""
+  if "tf32" in peaks:
+    if precision in _TF32_PRECISIONS:
+      return peaks["tf32"]
+    return peaks["fp32"] if precision in _FULL_FP32_PRECISIONS else None
+  return peaks.get("bfloat16") if precision in _DEFAULT_PRECISIONS else None
+
+
+def peak_flops_per_device(device: Any, dtype: Any, override: float = 0.0) -> float | None:
+  """Peak FLOP/s of one device for matmuls in `dtype` (float32 | bfloat16): `override` if > 0, else the
+  PEAK_FLOPS entry for the device kind, else None (unknown, e.g. CPU: MFU is then left empty, never guessed).
+
+  `device` is a `jax.Device` or anything with a `device_kind` (or the device kind string itself).
+  """
+  if override and override > 0:
+    return float(override)
+  kind = getattr(device, "device_kind", device)
+  dtype = _dtype_name(dtype)
+  for substring, peaks in PEAK_FLOPS:
+    if substring.lower() not in str(kind).lower():
+      continue
+    if dtype == "bfloat16":
+      return peaks.get("bfloat16")
+    if dtype == "float32":
+      return _float32_peak(peaks, str(jax.config.jax_default_matmul_precision).lower())
+    return None
+  return None
+
+
+def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int, peak: float | None) -> float | None:
+  """Model FLOP utilisation: achieved model FLOP/s over the devices' peak; None when the peak is unknown."""
+  if not peak or peak <= 0 or seconds_per_step <= 0 or num_devices <= 0:
+    return None
+  return flops_per_step / seconds_per_step / (num_devices * peak)

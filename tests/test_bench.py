@@ -1,0 +1,107 @@
+"""Benchmarks: the analytic FLOP count against hand counts, the peak table, and the sweep command line."""
+
+import csv
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import pytest
+
+from ast_jax.bench import flops
+from ast_jax.bench.sweep import COLUMNS, Case, expand_cases, run_sweep
+from configs.common import base_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A one-block, 64-wide model keeps compilation to a second or two on a CPU.
+SMALL = ["--variants=tiny", "--width=64", "--depth=1", "--num_heads=2", "--frames=128", "--batch=1", "--repeats=1",
+         "--warmup=1"]
+
+
+def test_forward_flops_hand_count():
+  # 4 patches + 2 prefix tokens, D=8, M=32, one block, 3 classes.
+  patch = 4 * 16 * 16 * 8 * 2
+  block = 2 * 6 * 8 * 24 + 2 * 6 * 6 * 8 + 2 * 6 * 6 * 8 + 2 * 6 * 8 * 8 + 2 * 2 * 6 * 8 * 32
+  head = 2 * 8 * 3
+  shape = dict(width=8, depth=1, mlp_dim=32, num_tokens=6, patch_size=16, num_patches=4, num_classes=3)
+  assert flops.forward_flops(**shape) == patch + block + head == 26800
+  assert flops.train_flops_per_example(**shape) == 3 * 26800
+
+
+def test_attention_flops_grow_faster_than_tokens():
+  shape = dict(width=192, depth=12, mlp_dim=768, patch_size=16, num_classes=527)
+  short = flops.forward_flops_breakdown(num_tokens=302, num_patches=300, **shape)
+  long = flops.forward_flops_breakdown(num_tokens=604, num_patches=600, **shape)
+  assert long["attention"] == pytest.approx(4 * short["attention"])
+  assert long["mlp"] == pytest.approx(2 * short["mlp"])
+  assert sum(long.values()) > 2 * sum(short.values())
+
+
+def test_config_flops_ast_base_audioset():
+  counts = flops.config_flops(base_config())
+  tokens, width = 1214, 768  # REFERENCE.md 1.2: 12 x 101 patches + cls + dist
+  expected = 1212 * 256 * width * 2 + 12 * (24 * tokens * width**2 + 4 * tokens**2 * width) + 2 * width * 527
+  assert (counts["freq"], counts["time"], counts["tokens"]) == (12, 101, tokens)
+  assert counts["forward_flops"] == expected
+  assert counts["train_flops"] == 3 * expected
+
+
+def test_peak_flops_lookup():
+  assert flops.peak_flops_per_device(jax.devices("cpu")[0], "float32") is None
+  h100 = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
+  assert flops.peak_flops_per_device(h100, "bfloat16") == 989e12
+  assert flops.peak_flops_per_device(h100, jax.numpy.float32) == 494e12  # TF32 at the default precision
+  with jax.default_matmul_precision("highest"):
+    assert flops.peak_flops_per_device(h100, "float32") == 67e12
+  assert flops.peak_flops_per_device("TPU v5 lite", "bfloat16") == 197e12
+  assert flops.peak_flops_per_device(jax.devices("cpu")[0], "float32", override=1e12) == 1e12
+  assert flops.mfu(1e12, 1.0, 2, 1e12) == 0.5
+  assert flops.mfu(1e12, 1.0, 1, None) is None
+
+
+def test_presets_and_overrides():
+  assert len(expand_cases("tiny")) == 2 and len(expand_cases("lengths")) == 6 and len(expand_cases("gpu")) == 7
+  assert {case.dtype for case in expand_cases("gpu")} == {"bfloat16"}
+  # Every preset case takes the override, and cases that become equal are measured once.
+  assert expand_cases("tiny", variants=["tiny"], frames=[128], batch=[1]) == [Case("tiny", 128, 1)]
+  cases = expand_cases("gpu", frames=[1024], remat=["none", "full"])
+  assert len(cases) == 10 and {case.remat for case in cases} == {"none", "full"}
+
+
+def read_rows(path):
+  with open(path, newline="") as file:
+    return list(csv.DictReader(file))
+
+
+def test_sweep_cli_writes_csv(tmp_path):
+  subprocess.run([sys.executable, "-m", "ast_jax.bench", "--sweep=tiny", *SMALL, f"--out={tmp_path}"], cwd=ROOT,
+                 check=True, capture_output=True, timeout=300)
+  rows = read_rows(tmp_path / "bench.csv")
+  assert len(rows) == 1 and set(COLUMNS) <= set(rows[0])
+  row = rows[0]
+  assert (row["variant"], row["width"], row["depth"], row["frames"], row["tokens"]) == ("tiny", "64", "1", "128",
+                                                                                      "146")
+  assert (row["dtype"], row["attention"], row["remat"], row["device"]) == ("float32", "xla", "none", "cpu")
+  for column in ("compile_s", "ms_per_step", "infer_ms_per_step", "examples_per_sec", "tflops_per_sec",
+                 "peak_memory_mb"):
+    assert float(row[column]) > 0, column
+  assert float(row["tokens_per_sec"]) == pytest.approx(146 * float(row["examples_per_sec"]), rel=1e-4)
+  assert row["mfu"] == "" and row["memory_source"] == "compiled"  # no peak is known for a CPU
+  assert row["torch_ms_per_step"] == "" and row["ratio_to_torch"] == ""
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    return
+  assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_sweep_compares_with_torch(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  case = Case("tiny", 128, 1, width=64, depth=1, num_heads=2)
+  rows = run_sweep([case], str(tmp_path), warmup=1, repeats=1, compare="torch", plot=False)
+  row = read_rows(tmp_path / "bench.csv")[0]
+  assert float(row["torch_ms_per_step"]) > 0 and row["torch_device"] == "cpu"
+  assert float(row["ratio_to_torch"]) == pytest.approx(rows[0]["ms_per_step"] / rows[0]["torch_ms_per_step"],
+                                                        rel=1e-4)
