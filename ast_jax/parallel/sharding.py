@@ -79,7 +79,7 @@ def to_host(tree: Any) -> Any:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils
 
-  return multihost_utils.process_allgather(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)  # tiled: whole global arrays, not stacked
 
 
 def sharded_jit(fn: Callable[..., Any], mesh: Mesh, rules: Rules, **jit_kwargs: Any) -> Callable[..., Any]:
