@@ -82,7 +82,7 @@ def test_sweep_cli_writes_csv(tmp_path):
   row = rows[0]
   assert (row["variant"], row["width"], row["depth"], row["frames"], row["tokens"]) == ("tiny", "64", "1", "128",
                                                                                       "146")
-  assert (row["dtype"], row["attention"], row["remat"], row["device"]) == ("float32", "xla", "none", "cpu")
+  assert (row["dtype"], row["attention"], row["remat"], row["device"]) == ("float32", "blockwise", "none", "cpu")
   for column in ("compile_s", "ms_per_step", "infer_ms_per_step", "examples_per_sec", "tflops_per_sec",
                  "peak_memory_mb"):
     assert float(row[column]) > 0, column

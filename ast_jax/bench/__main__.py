@@ -45,7 +45,7 @@ _VARIANTS = flags.DEFINE_list("variants", [], "Model variants (tiny, small, base
 _FRAMES = flags.DEFINE_list("frames", [], "Input lengths in frames.")
 _BATCH = flags.DEFINE_list("batch", [], "Batch sizes.")
 _STRIDE = flags.DEFINE_list("stride", [], "Patch strides (frequency = time).")
-_ATTENTION = flags.DEFINE_list("attention", [], "Attention implementations (xla, cudnn).")
+_ATTENTION = flags.DEFINE_list("attention", [], "Attention implementations (auto, xla, blockwise, cudnn).")
 _REMAT = flags.DEFINE_list("remat", [], "Rematerialisation policies (none, full, dots, dots_no_batch).")
 _SCAN = flags.DEFINE_bool("scan_layers", False, "nn.scan over the blocks.")
 _WIDTH = flags.DEFINE_integer("width", 0, "Override the variants' width (with --num_heads).", lower_bound=0)

@@ -14,7 +14,7 @@ def _series(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
   groups: dict[str, list[dict[str, Any]]] = {}
   for row in rows:
     label = f"{row['variant']} D={row['width']} b{row['batch']} {row['dtype']}"
-    if row.get("attention", "xla") != "xla":
+    if row.get("attention"):
       label += f" {row['attention']}"
     if row.get("remat", "none") != "none":
       label += f" remat={row['remat']}"

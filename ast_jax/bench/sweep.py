@@ -18,6 +18,7 @@ import optax
 
 from ast_jax.bench import flops
 from ast_jax.bench.timing import measure
+from ast_jax.models.attention import resolve as resolve_attention
 
 MEL_BINS = 128
 NUM_CLASSES = 527
@@ -40,7 +41,7 @@ class Case:
   batch: int
   stride: int = 10
   dtype: str = "float32"
-  attention: str = "xla"
+  attention: str = "auto"
   remat: str = "none"
   scan_layers: bool = False
   width: int = 0
@@ -110,18 +111,17 @@ def _inputs(case: Case) -> tuple[jax.Array, jax.Array]:
 
 
 def _compiled_bytes(compiled: Any) -> int | None:
-  """The compiled program's peak: XLA's buffer assignment, or arguments + outputs - aliased + temporaries."""
+  """The compiled program's memory from XLA's buffer assignment: arguments + outputs - donated + temporaries
+  (the CPU backend's `peak_memory_in_bytes` counts arguments only, so the larger of the two is reported)."""
   try:
     stats = compiled.memory_analysis()
   except Exception:  # not every backend implements it
     return None
   if stats is None:
     return None
-  peak = getattr(stats, "peak_memory_in_bytes", 0)
-  if peak:
-    return int(peak)
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-             + stats.temp_size_in_bytes)
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+           + stats.temp_size_in_bytes)
+  return int(max(total, getattr(stats, "peak_memory_in_bytes", 0) or 0))
 
 
 def _device_peak_bytes(device: jax.Device) -> int | None:
@@ -208,7 +208,8 @@ def case_row(case: Case, config: ml_collections.ConfigDict, device: jax.Device, 
       backbone=config.model.name, variant=case.variant, width=counts["width"], depth=counts["depth"],
       num_heads=model_kwargs(config.model)["num_heads"], frames=case.frames, mel_bins=MEL_BINS,
       patch_size=counts["patch_size"], fstride=case.stride, tstride=case.stride, tokens=counts["tokens"],
-      batch=case.batch, dtype=case.dtype, attention=case.attention, remat=case.remat, scan_layers=case.scan_layers,
+      batch=case.batch, dtype=case.dtype, attention=resolve_attention(case.attention, case.dtype), remat=case.remat,
+      scan_layers=case.scan_layers,
       device=device.device_kind, num_devices=num_devices, examples_per_sec=case.batch / seconds,
       tokens_per_sec=case.batch * counts["tokens"] / seconds, train_gflops_per_example=counts["train_flops"] / 1e9,
       tflops_per_sec=step_flops / seconds / 1e12, mfu=flops.mfu(step_flops, seconds, num_devices, peak),

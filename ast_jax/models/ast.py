@@ -68,7 +68,7 @@ class AST(nn.Module):
   attention_dropout: float = 0.0
   layer_norm_eps: float = 1e-6  # timm's, in the backbone
   head_layer_norm_eps: float = 1e-5  # the head's LayerNorm is PyTorch's default, not timm's 1e-6
-  attention: str = "xla"  # xla | cudnn
+  attention: str = "auto"  # auto | xla | blockwise | cudnn (ast_jax/models/attention.py)
   remat: str = "none"  # none | full | dots | dots_no_batch
   scan_layers: bool = False
   dtype: Dtype = jnp.float32
@@ -129,7 +129,7 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
   remat = {True: "full", False: "none"}.get(remat, remat)  # model directories written before remat policies
   if remat not in REMAT_POLICIES:
     raise ValueError(f"config.model.remat must be one of {sorted(REMAT_POLICIES)}, not {remat!r}")
-  attention = model_config.get("attention", "xla")
+  attention = model_config.get("attention", "auto")
   if attention not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"config.model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, not {attention!r}")
   fields = {f.name for f in dataclasses.fields(AST)}

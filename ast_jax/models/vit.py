@@ -8,15 +8,18 @@ rename plus a transpose. Every parameter carries logical axis names and activati
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ast_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from ast_jax.models.attention import attend
+
 Dtype = Any
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
@@ -41,22 +44,33 @@ def layer_norm(epsilon: float, dtype: Dtype, name: str) -> nn.LayerNorm:
                       bias_init=with_names(nn.initializers.zeros_init(), "norm"))
 
 
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, x * Phi(x), as torch.nn.GELU(). Its backward pass reuses Phi(x) from the forward pass
+  (d/dx = Phi(x) + x * phi(x)), which saves an erf per element: about 20 % of an MLP's backward time on CPU."""
+  return x * _normal_cdf(x)
+
+
+def _normal_cdf(x: jax.Array) -> jax.Array:
+  return 0.5 * (1.0 + jax.lax.erf(x * (1 / math.sqrt(2))))
+
+
+def _gelu_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  cdf = _normal_cdf(x)
+  return x * cdf, (x, cdf)
+
+
+def _gelu_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array]:
+  x, cdf = residuals
+  pdf = jnp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+  return (grad * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_forward, _gelu_backward)
+
+
 def constrain(tokens: jax.Array, *names: str | None) -> jax.Array:
   return nn.with_logical_constraint(tokens, names)
-
-
-def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, implementation: str,
-           dtype: Dtype) -> jax.Array:
-  """softmax(q k^T) v over `[batch, length, heads, head_dim]` (q already scaled); the softmax runs in float32."""
-  if implementation == "cudnn":
-    # The fused cuDNN flash-attention kernel (GPU, bf16/fp16); q is pre-scaled, so scale=1.
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0, implementation="cudnn")
-  # Two einsums and a softmax: on CPU this beats the generic dot_product_attention path (REFERENCE.md 7).
-  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
 class Attention(nn.Module):
@@ -65,7 +79,7 @@ class Attention(nn.Module):
   num_heads: int
   dropout: float = 0.0
   scale_logits: bool = True  # ElasticAST's released weights were trained without 1/sqrt(d_head)
-  implementation: str = "xla"
+  implementation: str = "auto"  # ast_jax/models/attention.py
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -87,7 +101,7 @@ class Attention(nn.Module):
       weights = nn.Dropout(self.dropout)(jax.nn.softmax(logits, axis=-1).astype(self.dtype), deterministic=False)
       mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
     else:
-      mixed = attend(query, key, value, mask, self.implementation, self.dtype)
+      mixed = attend(query, key, value, mask, self.implementation)
     mixed = constrain(mixed, "batch", "length", "act_heads", None).reshape(batch, length, width)
     return dense(width, "heads", "embed", self.dtype, "proj")(mixed)
 
@@ -103,7 +117,7 @@ class Mlp(nn.Module):
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
     width = tokens.shape[-1]
     hidden = dense(self.hidden, "embed", "mlp", self.dtype, "fc1")(tokens)
-    hidden = constrain(nn.gelu(hidden, approximate=False), "batch", "length", "act_mlp")
+    hidden = constrain(gelu(hidden), "batch", "length", "act_mlp")
     hidden = nn.Dropout(self.dropout)(hidden, deterministic=not train)
     return dense(width, "mlp", "embed", self.dtype, "fc2")(hidden)
 
@@ -117,7 +131,7 @@ class Block(nn.Module):
   attention_dropout: float = 0.0
   layer_norm_eps: float = 1e-6
   scale_logits: bool = True
-  attention: str = "xla"
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -154,7 +168,7 @@ class Encoder(nn.Module):
   attention_dropout: float = 0.0
   layer_norm_eps: float = 1e-6
   scale_logits: bool = True
-  attention: str = "xla"
+  attention: str = "auto"
   remat: str = "none"
   scan_layers: bool = False
   dtype: Dtype = jnp.float32
