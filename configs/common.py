@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
       dropout=0.0,
       attention_dropout=0.0,
       dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and optimiser state stay float32)
-      attention="xla",  # xla: einsum + softmax; cudnn: jax.nn.dot_product_attention's fused cuDNN kernel (GPU)
+      attention="auto",  # auto | xla | blockwise | cudnn: see ast_jax/models/attention.py (auto: best per platform)
       remat="none",  # rematerialise each block: none | full | dots (keep matmul outputs) | dots_no_batch
       scan_layers=False,  # nn.scan over the blocks: one compiled block, stacked [depth, ...] parameters
       layer_norm_eps=1e-6,  # backbone LayerNorms (timm); Hugging Face checkpoints use 1e-12 everywhere
