@@ -62,4 +62,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  from ast_jax import runtime
+
+  runtime.restart_with_tcmalloc()  # ~25 % faster CPU steps (ast_jax/runtime.py)
   app.run(main)

@@ -126,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every_epochs=1,
       progress_bar=True,
       tensorboard=True,
-      max_steps=0,  # > 0: stop after this many steps (benchmarks, tests); 0: epochs * steps per epoch
+      max_steps=0,  # > 0: stop after this many steps (the schedule stays the full run's); 0: run every epoch
       grad_accum_steps=1,  # split each batch into this many micro-batches, one update per batch
       peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0: look the device kind up (ast_jax/bench/flops.py)
   ))

@@ -120,10 +120,10 @@ def test_cross_process_collectives_on_cpu(tmp_path: pathlib.Path):
     assert "sum 12.0" in lines  # 4 rows of 2: process 0's ones and process 1's twos
 
 
-def train_losses(lines: list[str]) -> list[float]:
-  """The driver's `train_loss STEP VALUE` lines, in step order; steps must be 1, 2, 3."""
+def train_losses(lines: list[str], steps: tuple[int, ...] = (1, 2, 3)) -> list[float]:
+  """The driver's `train_loss STEP VALUE` lines, in step order; exactly `steps` must be there."""
   losses = {int(m.group(1)): float(m.group(2)) for m in map(LOSS_LINE.match, lines) if m}
-  assert sorted(losses) == [1, 2, 3], lines[-40:]
+  assert tuple(sorted(losses)) == steps, lines[-40:]
   return [losses[step] for step in sorted(losses)]
 
 
@@ -153,3 +153,15 @@ def test_two_processes_train_like_one(tmp_path: pathlib.Path):
   for key in ("loss", "accuracy", "train_loss"):
     np.testing.assert_allclose(two_record[key], one_record[key], rtol=1e-5, err_msg=key)
   assert os.path.isdir(os.path.join(two_dir, "model")) and os.path.isdir(os.path.join(two_dir, "checkpoints", "3"))
+
+  # Stopped after two steps and started again, each process restores its own iterator position and shards:
+  # step 3 is the uninterrupted run's step 3.
+  staged_dir = str(tmp_path / "staged")
+  command = [sys.executable, driver, "--distributed", f"--workdir={staged_dir}", *OVERRIDES]
+  first = run_launch([*command, "--config.train.max_steps=2"], 2)
+  assert all(os.path.exists(os.path.join(staged_dir, "checkpoints", "2", "data", f"process_{index}-of-2.json"))
+             for index in range(2)), os.listdir(os.path.join(staged_dir, "checkpoints", "2", "data"))
+  second = run_launch(command, 2)
+  for process_id in range(2):
+    staged = train_losses(first.outputs[process_id], (1, 2)) + train_losses(second.outputs[process_id], (3,))
+    np.testing.assert_allclose(staged, process_0, rtol=1e-5)

@@ -42,15 +42,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Input: each process reads its block of every global batch.
   sources = data_lib.build_sources(config)
   steps_per_epoch = data_lib.steps_per_epoch(config, sources)
-  total_steps = config.train.epochs * steps_per_epoch
-  if config.train.max_steps:
-    total_steps = min(total_steps, config.train.max_steps)
+  schedule_steps = config.train.epochs * steps_per_epoch
+  # max_steps stops early (benchmarks, tests, a staged run); the schedule is always the full run's.
+  total_steps = min(schedule_steps, config.train.max_steps) if config.train.max_steps else schedule_steps
   host = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   train_iter = data_lib.train_iterator(config, sources, seed=config.seed, **host)
 
   # Model, optimiser and state, created directly in their shards.
   model = build_model(config)
-  schedule = make_schedule(config.optim, steps_per_epoch, total_steps)
+  schedule = make_schedule(config.optim, steps_per_epoch, schedule_steps)
   tx = make_optimizer(config.optim, schedule)
   first_avg, last_avg = config.train.average_weights
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
@@ -110,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   "train/grad_norm": float(metrics["grad_norm"]), **throughput.interval(done)})
     rate = (done - epoch_start_step) * config.data.batch_size / max(time.perf_counter() - epoch_start_time, 1e-9)
     progress.update(done, epoch, last_loss, rate)
-    if done % steps_per_epoch == 0:
+    if done % steps_per_epoch == 0 or done == total_steps:  # an epoch's end, or the last (max_steps) step
       jax.block_until_ready(state)
       epoch_seconds = time.perf_counter() - epoch_start_time
       if first_avg <= epoch <= last_avg:
@@ -123,8 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         record = evaluate(state.params, done, epoch, epoch_stats)
       checkpointer.save(done, state, train_iter, {**run_meta, "epoch": epoch})
       epoch_start_time, epoch_start_step = time.perf_counter(), done
-    elif done == total_steps or (config.train.checkpoint_every_steps
-                                 and done % config.train.checkpoint_every_steps == 0):
+    elif config.train.checkpoint_every_steps and done % config.train.checkpoint_every_steps == 0:
       checkpointer.save(done, state, train_iter, {**run_meta, "epoch": epoch - 1})
   progress.close()
 

@@ -1,0 +1,33 @@
+"""The allocator restart: when it happens, and that a restarted command runs with tcmalloc."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ast_jax import runtime
+
+
+def test_restart_only_when_wanted_and_needed(tmp_path):
+  library = "/lib/libtcmalloc_minimal.so.4"
+  assert runtime.tcmalloc_environment({"PATH": "/bin"}, library) == {"PATH": "/bin", "LD_PRELOAD": library}
+  assert runtime.tcmalloc_environment({"LD_PRELOAD": "/x/libother.so"}, library)["LD_PRELOAD"] == \
+      f"{library} /x/libother.so"
+  assert runtime.tcmalloc_environment({"LD_PRELOAD": library}, library) is None  # already restarted
+  assert runtime.tcmalloc_environment({"AST_JAX_MALLOC": "system"}, library) is None  # opted out
+  assert runtime.tcmalloc_environment({}, None) is None  # not installed
+  (tmp_path / "libtcmalloc.so.4").write_bytes(b"")
+  assert runtime.find_tcmalloc((str(tmp_path / "missing"), str(tmp_path))) == str(tmp_path / "libtcmalloc.so.4")
+
+
+@pytest.mark.skipif(runtime.find_tcmalloc() is None or not sys.platform.startswith("linux"),
+                    reason="tcmalloc is not installed")
+def test_entry_point_restarts_with_tcmalloc():
+  program = ("from ast_jax import runtime; runtime.restart_with_tcmalloc(); import os; "
+             "print(open('/proc/self/maps').read().count('tcmalloc') > 0, os.environ['LD_PRELOAD'])")
+  env = {key: value for key, value in os.environ.items() if key not in ("LD_PRELOAD", "AST_JAX_MALLOC")}
+  done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, check=True,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  loaded, preload = done.stdout.split()
+  assert loaded == "True" and "tcmalloc" in preload
