@@ -25,7 +25,8 @@ Columns of OUT/bench.csv (one row per case; empty = unknown or not measured):
   case ran (GPU/TPU), compiled = XLA's buffer assignment for the train step (arguments + outputs - donated +
   temporaries; CPU, or a case that did not raise the high-water mark); torch_device, torch_ms_per_step,
   ratio_to_torch (ast_jax / torch: < 1 means ast_jax is faster), torch_version: the PyTorch comparison;
-  warmup, repeats, date, jax_version: the protocol and environment.
+  warmup, repeats, date, jax_version: the protocol and environment; allocator: tcmalloc or system
+  (ast_jax/runtime.py: the bench restarts itself with tcmalloc when it is installed).
 OUT/bench.png: train ms/step against tokens (PyTorch dashed) and peak memory (or examples/s) against tokens.
 """
 
@@ -91,5 +92,5 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   from ast_jax import runtime
 
-  runtime.restart_with_tcmalloc()  # ~25 % faster CPU steps (ast_jax/runtime.py)
+  runtime.restart_with_tcmalloc()  # ~20 % faster CPU steps (ast_jax/runtime.py)
   app.run(main)

@@ -43,7 +43,9 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: str) -> str | None:
     torch_points = [(row["tokens"], row["torch_ms_per_step"]) for row in group
                     if row.get("torch_ms_per_step") is not None]
     if torch_points:
-      time_axis.plot(*zip(*torch_points), "s--", color=color, label=f"torch {label}")
+      # transformers' AST uses PyTorch's SDPA whatever our attention switch is
+      torch_label = f"transformers {label.split(' ' + group[0]['attention'])[0]} sdpa"
+      time_axis.plot(*zip(*torch_points), "s--", color=color, label=torch_label)
     if has_memory:
       other_axis.plot(tokens, [row["peak_memory_mb"] for row in group], "o-", color=color, label=label)
     else:

@@ -28,7 +28,7 @@ COLUMNS = (
     "tokens", "batch", "dtype", "attention", "remat", "scan_layers", "device", "num_devices", "compile_s",
     "ms_per_step", "infer_compile_s", "infer_ms_per_step", "examples_per_sec", "tokens_per_sec",
     "train_gflops_per_example", "tflops_per_sec", "mfu", "peak_memory_mb", "memory_source", "torch_device",
-    "torch_ms_per_step", "ratio_to_torch", "warmup", "repeats", "date", "jax_version", "torch_version",
+    "torch_ms_per_step", "ratio_to_torch", "warmup", "repeats", "date", "jax_version", "torch_version", "allocator",
 )
 
 
@@ -214,7 +214,8 @@ def case_row(case: Case, config: ml_collections.ConfigDict, device: jax.Device, 
       tokens_per_sec=case.batch * counts["tokens"] / seconds, train_gflops_per_example=counts["train_flops"] / 1e9,
       tflops_per_sec=step_flops / seconds / 1e12, mfu=flops.mfu(step_flops, seconds, num_devices, peak),
       warmup=warmup, repeats=repeats, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-      jax_version=jax.__version__, **timings)
+      jax_version=jax.__version__, allocator="tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system",
+      **timings)
 
 
 def _format(value: Any) -> Any:
