@@ -95,6 +95,21 @@ def test_bad_config_lists_every_problem():
     assert fragment in message
 
 
+def test_bad_parallelism_and_speed_settings_are_named():
+  config = demo.get_config()
+  config.mesh.update(data=-1, fsdp=-1)
+  config.sharding_rules = (("batch", ("data", "pipeline")), ("embed", "fsdp"))
+  config.model.attention = "flash"
+  config.model.remat = "sometimes"
+  config.train.grad_accum_steps = 0
+  with pytest.raises(ValueError) as error:
+    validate_config(config)
+  message = str(error.value)
+  for fragment in ("at most one -1", "('batch', ('data', 'pipeline'))", "model.attention='flash'",
+                   "model.remat='sometimes'", "train.grad_accum_steps=0"):
+    assert fragment in message, fragment
+
+
 def test_recipes_carry_the_paper_hyperparameters():
   from configs import audioset, audioset_balanced, esc50, speechcommands
 

@@ -12,6 +12,8 @@ CHOICES = {
     "data.scan": ("header", "decode", "off"),
     "audio.window_type": ("hanning", "hamming", "povey", "rectangular", "blackman"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.attention": ("auto", "xla", "blockwise", "cudnn"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "optim.schedule": ("step", "cosine"),
     "optim.weight_decay_mode": ("l2", "decoupled"),
     "train.loss": ("bce", "ce"),
@@ -20,7 +22,7 @@ CHOICES = {
 POSITIVE = ("num_classes", "data.batch_size", "train.epochs", "audio.target_length", "audio.num_mel_bins",
             "audio.sample_rate", "audio.frame_length", "audio.frame_shift", "audio.std", "optim.lr",
             "train.keep_checkpoints", "train.log_every_steps", "train.eval_every_epochs", "model.patch_size",
-            "model.fstride", "model.tstride")
+            "model.fstride", "model.tstride", "train.grad_accum_steps")
 UNIT_INTERVAL = ("augment.mixup", "train.label_smoothing", "optim.b1", "optim.b2")
 
 
@@ -47,7 +49,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in UNIT_INTERVAL:
     if not 0 <= _get(config, field) <= 1:
       problems.append(f"{field}={_get(config, field)!r} must lie in [0, 1]")
-  for field in ("augment.freq_mask", "augment.time_mask", "data.num_workers", "train.checkpoint_every_steps"):
+  for field in ("augment.freq_mask", "augment.time_mask", "data.num_workers", "train.checkpoint_every_steps",
+                "train.max_steps", "train.peak_flops"):
     if _get(config, field) < 0:
       problems.append(f"{field}={_get(config, field)!r} must not be negative")
   first, last = config.train.average_weights
@@ -63,5 +66,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"augment.freq_mask={config.augment.freq_mask} exceeds audio.num_mel_bins")
   if config.augment.time_mask > config.audio.target_length:
     problems.append(f"augment.time_mask={config.augment.time_mask} exceeds audio.target_length")
+  problems += _mesh_problems(config)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _mesh_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The mesh's axis names and sizes, and the rules table's shape (device counts are checked at start-up)."""
+  problems = []
+  sizes = dict(config.mesh)
+  if set(sizes) != {"data", "fsdp", "tensor"}:
+    problems.append(f"config.mesh={sizes} must name exactly the axes data, fsdp and tensor")
+  elif list(sizes.values()).count(-1) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+    problems.append(f"config.mesh={sizes}: sizes must be positive, with at most one -1 (every remaining device)")
+  axes = {"data", "fsdp", "tensor"}
+  for rule in config.sharding_rules:
+    name, target = rule if len(rule) == 2 else (rule, "?")
+    targets = target if isinstance(target, (tuple, list)) else (target,)
+    if not isinstance(name, str) or any(axis is not None and axis not in axes for axis in targets):
+      problems.append(f"config.sharding_rules entry {tuple(rule)!r} must map a logical name to None or to mesh "
+                      f"axes among {sorted(axes)}")
+  return problems

@@ -36,7 +36,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the last evaluation record."""
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  mesh, rules = make_mesh(config.mesh), logical_rules(config.sharding_rules)
+  try:
+    mesh = make_mesh(config.mesh)
+  except ValueError as error:  # e.g. a mesh needing more devices than there are
+    raise ConfigError(str(error)) from None
+  rules = logical_rules(config.sharding_rules)
   check_batch_divides(config, mesh)
 
   # Input: each process reads its block of every global batch.
