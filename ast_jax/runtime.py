@@ -2,7 +2,7 @@
 
 XLA on CPU allocates each step's temporary buffers afresh (about 1.4 GB for an AST-tiny train step at 1212 tokens,
 batch 4). With glibc's malloc every large buffer is a new mmap, so every step pays a page fault per 4 KiB page of
-it. tcmalloc keeps freed memory mapped, and a 2-core CPU train step runs about 20 % faster with it
+it. tcmalloc keeps freed memory mapped, and a 2-core CPU train step takes 15-30 % less time with it
 (docs/RESULTS.md). The entry points (`ast_jax.main`, `ast_jax.predict`, `ast_jax.bench`) therefore restart
 themselves once with tcmalloc preloaded when it is installed (Debian/Ubuntu: `apt-get install
 libtcmalloc-minimal4`), as JAX pod set-ups commonly do. `AST_JAX_MALLOC=system` keeps the system allocator.

@@ -119,3 +119,16 @@ def test_model_kwargs_errors_name_the_problem():
     model_kwargs({"variant": "", "width": 100, "depth": 2, "num_heads": 3})
   with pytest.raises(ValueError, match="smaller than one 16x16 patch"):
     AST(num_classes=2, width=32, depth=1, num_heads=2).init(jax.random.key(0), jnp.zeros((1, 8, 128)))
+
+
+def test_gelu_is_exact_gelu_with_the_exact_gradient():
+  from ast_jax.models.vit import gelu
+
+  x = jnp.linspace(-8.0, 8.0, 2001)
+  np.testing.assert_allclose(gelu(x), 0.5 * np.asarray(x) * (1 + erf(np.asarray(x) / np.sqrt(2))), atol=1e-6)
+  ours = jax.vmap(jax.grad(gelu))(x)
+  reference = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+  np.testing.assert_allclose(ours, reference, atol=2e-6)
+  x64 = np.asarray(x, np.float64)  # d/dx x Phi(x) = Phi(x) + x phi(x)
+  analytic = 0.5 * (1 + erf(x64 / np.sqrt(2))) + x64 * np.exp(-x64**2 / 2) / np.sqrt(2 * np.pi)
+  np.testing.assert_allclose(ours, analytic, atol=2e-6)

@@ -126,3 +126,15 @@ def test_batch_must_split_into_micro_batches():
   config.data.batch_size, config.train.grad_accum_steps = 8, 3
   with pytest.raises(ConfigError, match="grad_accum_steps=3"):
     check_batch_divides(config, make_mesh())
+
+
+def test_attention_dropout_only_in_training():
+  x = spectrogram()
+  model = AST(**SMALL, attention_dropout=0.5)
+  params = init_params(model, jax.random.key(0), x)
+  plain, _ = AST(**SMALL).apply({"params": params}, x)
+  evaluated, _ = model.apply({"params": params}, x)
+  np.testing.assert_allclose(evaluated, plain, atol=1e-6)
+  trained = [model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(seed)})[0]
+             for seed in (1, 2)]
+  assert np.all(np.isfinite(trained[0])) and not np.allclose(trained[0], trained[1])

@@ -4,9 +4,9 @@
 - `blockwise`: the flash-attention algorithm in plain JAX: one (batch, head) row and one block of queries at a time,
   softmax statistics kept as a log-sum-exp, and a custom backward pass that recomputes each block's probabilities
   instead of storing them. Memory is O(length) instead of O(length^2), and its speed does not depend on the host
-  allocator: an AST-tiny train step at 1212 tokens, batch 4, on 2 CPU cores takes 1.48 s with `xla` or
-  `blockwise` under tcmalloc, but 2.98 s (`xla`) against 1.83 s (`blockwise`) under glibc's malloc, with 3.6 GB
-  against 1.4 GB of XLA buffers (docs/RESULTS.md).
+  allocator: an AST-tiny train step at 1212 tokens, batch 4, on 2 CPU cores takes 1.50 s with either under
+  tcmalloc, but 3.24 s (`xla`) against 1.81 s (`blockwise`) under glibc's malloc, with 3.6 GB against 1.4 GB of
+  XLA buffers (docs/RESULTS.md).
 - `cudnn`: `jax.nn.dot_product_attention`'s fused cuDNN kernel (NVIDIA GPUs, bf16/fp16).
 - `auto`: `blockwise` on CPU, `cudnn` on GPU for 16-bit compute, otherwise `xla` (XLA fuses it well on TPU).
 
@@ -52,11 +52,16 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array |
   return dense_attention(query, key, value, mask)
 
 
-def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def attention_weights(query: jax.Array, key: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """softmax(q k^T) `[batch, heads, queries, keys]` in float32 (materialised: `xla`, and attention dropout)."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, _MASKED)
-  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  weights = attention_weights(query, key, mask).astype(value.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 

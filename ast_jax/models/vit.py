@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ast_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from ast_jax.models.attention import attend
+from ast_jax.models.attention import attend, attention_weights
 
 Dtype = Any
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
@@ -47,7 +47,7 @@ def layer_norm(epsilon: float, dtype: Dtype, name: str) -> nn.LayerNorm:
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
   """Exact (erf) GELU, x * Phi(x), as torch.nn.GELU(). Its backward pass reuses Phi(x) from the forward pass
-  (d/dx = Phi(x) + x * phi(x)), which saves an erf per element: about 20 % of an MLP's backward time on CPU."""
+  (d/dx = Phi(x) + x * phi(x)), which saves an erf per element of the backward pass."""
   return x * _normal_cdf(x)
 
 
@@ -95,10 +95,8 @@ class Attention(nn.Module):
     if self.scale_logits:
       query = query * jnp.asarray(head_dim**-0.5, query.dtype)
     if self.dropout and train:  # dropout on the attention weights needs them materialised
-      logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
-      if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      weights = nn.Dropout(self.dropout)(jax.nn.softmax(logits, axis=-1).astype(self.dtype), deterministic=False)
+      weights = attention_weights(query, key, mask).astype(value.dtype)
+      weights = nn.Dropout(self.dropout)(weights, deterministic=False)
       mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
     else:
       mixed = attend(query, key, value, mask, self.implementation)
