@@ -82,6 +82,8 @@ copy_repository() {
 
 install() {
   # uv brings its own CPython $PYTHON_VERSION, so the image's Python does not matter.
+  # tcmalloc: ast_jax's entry points preload it when present (ast_jax/runtime.py); optional, so failures are ignored.
+  on_all_workers "sudo apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || true"
   on_all_workers "set -e; python3 -m pip install -q --user uv;
     python3 -m uv venv -q --allow-existing --python $PYTHON_VERSION ~/$VENV;
     python3 -m uv pip install -q --python ~/$VENV/bin/python -r ~/$REMOTE_DIR/requirements.txt 'jax[tpu]';
