@@ -164,3 +164,18 @@ def padded_efficiency(grids: Sequence[tuple[int, int]]) -> float:
   """The baseline: every clip padded to the longest clip's tokens (share of non-padding tokens)."""
   counts = np.asarray([freq * time for freq, time in grids])
   return float(counts.sum() / (len(counts) * counts.max()))
+
+
+def gather_patches(clip_patches: Sequence[np.ndarray], layout: PackedRows) -> np.ndarray:
+  """Packed rows of patch vectors `[rows, row_tokens, dim]` from each clip's frequency-major patches
+  `[freq * time, dim]` (zeros on padding)."""
+  dim = clip_patches[0].shape[-1]
+  rows, row_tokens = layout.segment_ids.shape
+  packed = np.zeros((rows, row_tokens, dim), np.float32)
+  for row in range(rows):
+    for slot, clip in enumerate(layout.clips[row]):
+      if clip < 0:
+        continue
+      where = layout.segment_ids[row] == slot + 1
+      packed[row, where] = clip_patches[clip][layout.token_index[row, where]]
+  return packed
