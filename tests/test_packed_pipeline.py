@@ -1,0 +1,59 @@
+"""Packed batches from the demo source: fixed shapes, every clip once per epoch, a batch is a function of its
+position (so restoring the position restores the stream), and slots hold the clips' own waveforms."""
+
+import numpy as np
+
+from ast_jax.data.demo import demo_sources
+from ast_jax.data.packed import PackedBatches, PackedPlans, PackingSpec, clip_lengths
+from ast_jax.data.reader import WaveformReader
+from ast_jax.data.sampling import EpochSampler
+
+SPEC = PackingSpec(rows=2, row_tokens=96, max_clips=8, mel_bins=64, max_frames=128, drop_rate=0.1)
+
+
+def setup(seed=0, num_train=40):
+  sources = demo_sources(seed, num_train, 8)
+  lengths = clip_lengths(sources.train, SPEC.sample_rate)
+  plans = PackedPlans(lengths, EpochSampler(len(sources.train), seed), SPEC)
+  reader = WaveformReader(sources.train, SPEC.sample_rate)
+  batches = PackedBatches(plans, reader, [e.labels for e in sources.train], 8, seed)
+  return sources, lengths, plans, reader, batches
+
+
+def test_every_clip_once_per_epoch_with_fixed_shapes():
+  sources, lengths, plans, _, batches = setup()
+  assert len(set(lengths.tolist())) > 5  # the demo clips have natural, different lengths
+  first_epoch = plans.epoch(0)
+  count = len(first_epoch)
+  seen = []
+  for position in range(count):
+    batch = batches(position)
+    assert batch["waveform"].shape == (2, 8, SPEC.max_samples) and batch["segment_ids"].shape == (2, 96)
+    seen += batch["index"][batch["clip_mask"] > 0].tolist()
+    # tokens per row: each clip's kept tokens, within budget
+    for row in range(2):
+      for slot in range(8):
+        tokens = int((batch["segment_ids"][row] == slot + 1).sum())
+        assert (tokens > 0) == (batch["clip_mask"][row, slot] > 0)
+  assert sorted(seen) == list(range(len(sources.train)))
+  assert plans.locate(count) == (1, 0)  # the next position starts epoch 1
+
+
+def test_batch_is_a_function_of_its_position():
+  *_, batches = setup()
+  *_, fresh = setup()  # a restarted process: new objects, same config
+  for position in (0, 3, 11):
+    a, b = batches(position), fresh(position)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_slots_hold_the_clips_waveforms():
+  _, lengths, _, reader, batches = setup()
+  batch = batches(1)
+  row, slot = np.argwhere(batch["clip_mask"] > 0)[0]
+  clip = batch["index"][row, slot]
+  waveform = reader.decode(clip)[:SPEC.max_samples]
+  assert batch["num_samples"][row, slot] == len(waveform) == min(lengths[clip], SPEC.max_samples)
+  np.testing.assert_array_equal(batch["waveform"][row, slot, :len(waveform)], waveform)
+  assert np.all(batch["waveform"][row, slot, len(waveform):] == 0)
