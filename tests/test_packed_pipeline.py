@@ -57,3 +57,37 @@ def test_slots_hold_the_clips_waveforms():
   assert batch["num_samples"][row, slot] == len(waveform) == min(lengths[clip], SPEC.max_samples)
   np.testing.assert_array_equal(batch["waveform"][row, slot, :len(waveform)], waveform)
   assert np.all(batch["waveform"][row, slot, len(waveform):] == 0)
+
+
+def test_elastic_ast_learns_from_packed_demo_batches():
+  import flax.linen as nn
+  import jax
+  import optax
+
+  from ast_jax.models.elastic import ElasticAST
+  from ast_jax.train.state import create_train_state
+  from ast_jax.train.steps import make_packed_train_step, packed_patches
+  from configs import demo
+
+  config = demo.get_config()
+  config.audio.update(target_length=SPEC.max_frames, num_mel_bins=SPEC.mel_bins)
+  config.augment.update(freq_mask=0, time_mask=0)
+  spec = PackingSpec(rows=4, row_tokens=128, max_clips=8, mel_bins=64, max_frames=128)
+  sources = demo_sources(0, 160, 8)
+  plans = PackedPlans(clip_lengths(sources.train, 16000), EpochSampler(len(sources.train), 0), spec)
+  batches = PackedBatches(plans, WaveformReader(sources.train, 16000), [e.labels for e in sources.train], 8, 0)
+  model = ElasticAST(num_classes=8, width=64, depth=2, num_heads=2, max_freq_patches=4, max_time_patches=8,
+                     max_clips=8)
+  first = batches(0)
+  patches = packed_patches(first, config.audio.to_dict(), 16)
+  params = nn.meta.unbox(model.init(jax.random.key(0), patches, first["segment_ids"], first["freq_positions"],
+                                    first["time_positions"])["params"])
+  tx = optax.adamw(1e-3)
+  state = create_train_state(params, tx, False)
+  step = jax.jit(make_packed_train_step(model, tx, lambda count: 1e-3, config, jax.random.key(1)))
+  losses = []
+  for position in range(60):
+    state, metrics = step(state, batches(position % len(plans.epoch(0))))
+    losses.append(float(metrics["loss"]))
+  assert float(metrics["packing_efficiency"]) > 0.8
+  assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:5]), losses  # chance is ln 8 = 2.08

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from ast_jax.audio import model_input
+from ast_jax.models.elastic import gather_packed, patchify
 from ast_jax.train.losses import classification_loss, scores_from_logits
 from ast_jax.train.state import TrainState
 
@@ -85,3 +86,44 @@ def make_eval_step(model: nn.Module, config: Any) -> Callable[[Any, Batch], dict
             "embedding": intermediates["embedding"]}
 
   return eval_step
+
+
+def packed_patches(batch: Batch, audio: dict[str, Any], patch: int, augment: dict[str, Any] | None = None,
+                   rng: jax.Array | None = None) -> jax.Array:
+  """ElasticAST's input on the device: each waveform slot's front end (SpecAugment when `augment`), its
+  non-overlapping patches, gathered into the packed rows `[rows, row_tokens, patch * patch]`."""
+  rows, clips, samples = batch["waveform"].shape
+  features = model_input(batch["waveform"].reshape(rows * clips, samples), batch["num_samples"].reshape(-1), audio,
+                         augment=augment, rng=rng)
+  frames, mel_bins = features.shape[1:]
+  slots = patchify(features, patch).reshape(rows, clips, mel_bins // patch, frames // patch, patch * patch)
+  return gather_packed(slots, batch["segment_ids"], batch["freq_positions"], batch["time_positions"])
+
+
+def make_packed_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, config: Any,
+                           base_rng: jax.Array) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """The ElasticAST step on packed batches (ast_jax/data/packed.py): the loss averages over real clips only."""
+  audio, augment, loss_kind = config.audio.to_dict(), config.augment.to_dict(), config.train.loss
+  label_smoothing, patch = config.train.label_smoothing, config.model.patch_size
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(base_rng, state.step))
+    patches = packed_patches(batch, audio, patch, augment, augment_rng)
+    positions = (batch["segment_ids"], batch["freq_positions"], batch["time_positions"])
+
+    def loss_fn(params):
+      logits, _ = model.apply({"params": params}, patches, *positions, train=True, rngs={"dropout": dropout_rng})
+      classes = logits.shape[-1]
+      return classification_loss(logits.reshape(-1, classes), batch["label"].reshape(-1, classes),
+                                 batch["clip_mask"].reshape(-1), loss_kind, label_smoothing)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": jnp.asarray(schedule(state.step)),
+               "packing_efficiency": jnp.mean(batch["segment_ids"] > 0)}
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state, epoch_loss_sum=state.epoch_loss_sum + loss,
+                              epoch_loss_count=state.epoch_loss_count + 1)
+    return new_state, metrics
+
+  return train_step
