@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import sys
 import threading
 from typing import Sequence
 
+import grain
 import numpy as np
 import soundfile as sf
 
@@ -136,3 +138,31 @@ class PackedBatches:
     batch.update(segment_ids=layout.segment_ids, freq_positions=layout.freq_positions,
                  time_positions=layout.time_positions)
     return batch
+
+
+class HostRows:
+  """`map` transform: a packed batch -> this host's contiguous block of rows (rows split evenly over hosts)."""
+
+  def __init__(self, shard_index: int, shard_count: int):
+    self.shard_index, self.shard_count = shard_index, shard_count
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    rows = batch["segment_ids"].shape[0]
+    if rows % self.shard_count:
+      raise ValueError(f"{rows} packed rows do not split over {self.shard_count} hosts")
+    per_host = rows // self.shard_count
+    block = slice(self.shard_index * per_host, (self.shard_index + 1) * per_host)
+    return {name: value[block] for name, value in batch.items()}
+
+
+def packed_train_iterator(examples: Sequence[Example], label_sets: Sequence[Sequence[int]], num_classes: int,
+                          spec: PackingSpec, *, seed: int, reader: WaveformReader | None = None,
+                          shard_index: int = 0, shard_count: int = 1) -> grain.DatasetIterator:
+  """The endless stream of this host's packed batches; checkpoint it as any Grain iterator (its state is the
+  position). Planning needs every clip's length, read from the file headers once here."""
+  reader = reader or WaveformReader(examples, spec.sample_rate)
+  plans = PackedPlans(clip_lengths(examples, spec.sample_rate), EpochSampler(len(examples), seed), spec)
+  dataset = (grain.MapDataset.range(sys.maxsize)
+             .map(PackedBatches(plans, reader, label_sets, num_classes, seed))
+             .map(HostRows(shard_index, shard_count)))
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
