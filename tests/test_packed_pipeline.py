@@ -92,6 +92,17 @@ def test_elastic_ast_learns_from_packed_demo_batches():
   assert float(metrics["packing_efficiency"]) > 0.8
   assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:5]), losses  # chance is ln 8 = 2.08
 
+  # Evaluation: per-clip softmax scores for real clips; the loss sum covers exactly those clips.
+  from ast_jax.train.steps import make_packed_eval_step
+
+  evaluated = jax.jit(make_packed_eval_step(model, config))(state.params, first)
+  real = first["clip_mask"] > 0
+  scores = np.asarray(evaluated["scores"])
+  assert scores.shape == (4, 8, 8) and np.allclose(scores[real].sum(-1), 1.0, atol=1e-5)
+  labels = first["label"][real].argmax(-1)
+  expected = -np.log(scores[real][np.arange(len(labels)), labels]).sum()
+  np.testing.assert_allclose(float(evaluated["loss_sum"]), expected, rtol=1e-4)
+
 
 def test_grain_iterator_restores_and_hosts_split_rows():
   from ast_jax.data.packed import packed_train_iterator

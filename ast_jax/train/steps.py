@@ -127,3 +127,20 @@ def make_packed_train_step(model: nn.Module, tx: optax.GradientTransformation, s
     return new_state, metrics
 
   return train_step
+
+
+def make_packed_eval_step(model: nn.Module, config: Any) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+  """ElasticAST evaluation on packed batches: per-clip scores `[rows, max_clips, classes]`, the loss summed over
+  real clips and the clip mask (scores of empty slots are to be dropped with it)."""
+  audio, loss_kind, patch = config.audio.to_dict(), config.train.loss, config.model.patch_size
+
+  def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+    patches = packed_patches(batch, audio, patch)
+    logits, intermediates = model.apply({"params": params}, patches, batch["segment_ids"], batch["freq_positions"],
+                                        batch["time_positions"], train=False)
+    classes, mask = logits.shape[-1], batch["clip_mask"].reshape(-1)
+    loss = classification_loss(logits.reshape(-1, classes), batch["label"].reshape(-1, classes), mask, loss_kind)
+    return {"scores": scores_from_logits(logits, loss_kind), "loss_sum": loss * jnp.sum(mask),
+            "clip_mask": batch["clip_mask"], "embedding": intermediates["embedding"]}
+
+  return eval_step
