@@ -1,7 +1,6 @@
 """Trainer parts against their references: metrics vs scikit-learn, the upstream schedule, torch-style Adam, losses,
 config validation."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -46,9 +46,9 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array |
     return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0, implementation="cudnn")
   if implementation == "blockwise":
     batch, length, heads, _ = query.shape
-    if mask is None:
-      return _blockwise(query, key, value)
-    return _blockwise_masked(query, key, value, jnp.broadcast_to(mask, (batch, heads, length, key.shape[1])))
+    if mask is not None:
+      mask = jnp.broadcast_to(mask, (batch, heads, length, key.shape[1]))
+    return _blockwise(query, key, value, mask)
   return dense_attention(query, key, value, mask)
 
 
@@ -180,36 +180,19 @@ def _backward(query, key, value, mask, out, log_sum_exp, d_out):
 
 
 @jax.custom_vjp
-def _blockwise(query, key, value):
-  return _forward(query, key, value, None)[0]
-
-
-def _blockwise_fwd(query, key, value):
-  out, log_sum_exp = _forward(query, key, value, None)
-  return out, (query, key, value, out, log_sum_exp)
-
-
-def _blockwise_bwd(residuals, d_out):
-  query, key, value, out, log_sum_exp = residuals
-  return _backward(query, key, value, None, out, log_sum_exp, d_out)
-
-
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
-
-
-@jax.custom_vjp
-def _blockwise_masked(query, key, value, mask):
+def _blockwise(query, key, value, mask):
+  """Blockwise attention; `mask` is None or boolean `[batch, heads, length, length]` (no gradient)."""
   return _forward(query, key, value, mask)[0]
 
 
-def _blockwise_masked_fwd(query, key, value, mask):
+def _blockwise_fwd(query, key, value, mask):
   out, log_sum_exp = _forward(query, key, value, mask)
   return out, (query, key, value, mask, out, log_sum_exp)
 
 
-def _blockwise_masked_bwd(residuals, d_out):
+def _blockwise_bwd(residuals, d_out):
   query, key, value, mask, out, log_sum_exp = residuals
   return (*_backward(query, key, value, mask, out, log_sum_exp, d_out), None)
 
 
-_blockwise_masked.defvjp(_blockwise_masked_fwd, _blockwise_masked_bwd)
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -66,7 +66,7 @@ def put_host_tree(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(put, tree, shardings)
 
 
-def describe(shardings: Any, params_key: str = "params") -> dict[str, str]:
+def describe(shardings: Any) -> dict[str, str]:
   """{'encoder/blocks_0/mlp/fc1/kernel': "PartitionSpec('fsdp', 'tensor')", ...} for logs and tests."""
   flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
   return {"/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path): str(sharding.spec)
@@ -90,5 +90,4 @@ def sharded_jit(fn: Callable[..., Any], mesh: Mesh, rules: Rules, **jit_kwargs: 
     with partitioning(mesh, rules):
       return jitted(*args)
 
-  call.jitted = jitted  # for .lower(...) in benchmarks and tests
   return call
