@@ -10,8 +10,13 @@
 - `cudnn`: `jax.nn.dot_product_attention`'s fused cuDNN kernel (NVIDIA GPUs, bf16/fp16).
 - `auto`: `blockwise` on CPU, `cudnn` on GPU for 16-bit compute, otherwise `xla` (XLA fuses it well on TPU).
 
-All take query (already scaled), key and value `[batch, length, heads, head_dim]` and an optional boolean mask
-broadcastable to `[batch, heads, length, length]` (True = may attend); the softmax runs in float32.
+All take query (already scaled), key and value `[batch, length, heads, head_dim]` and either an optional boolean
+mask broadcastable to `[batch, heads, length, length]` (True = may attend) or, for self-attention over packed rows,
+segment ids `[batch, length]` (0 = padding, k > 0 = the row's k-th clip: a token attends to its own clip only, and
+padding to nothing), the same function as the mask `segment_mask(segment_ids)`. `blockwise` builds each query
+block's `[block, length]` mask from the ids, so no `[length, length]` array exists; `xla` and `cudnn` build the dense
+mask. The softmax runs in float32. A query that may attend to nothing (padding) gets the mean of all values, as a
+softmax over equal logits gives, with the same finite values and gradients in `xla` and `blockwise`.
 """
 
 from __future__ import annotations
@@ -38,22 +43,47 @@ def resolve(implementation: str, dtype: jnp.dtype) -> str:
   return "xla"
 
 
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """`[batch, 1, length, length]` from segment ids `[batch, length]`: True where query and key share a segment;
+  padding (0) attends nowhere and nothing attends to it."""
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (same & (segment_ids[:, None, :] > 0))[:, None]
+
+
+def _check_segments(query: jax.Array, key: jax.Array, mask: jax.Array | None, segment_ids: jax.Array | None):
+  if segment_ids is None:
+    return
+  if mask is not None:
+    raise ValueError("pass either a mask or segment_ids, not both")
+  if segment_ids.shape != query.shape[:2] or key.shape[1] != query.shape[1]:
+    raise ValueError(f"segment_ids {segment_ids.shape} need self-attention over [batch, length] = "
+                     f"{query.shape[:2]} (keys: {key.shape[1]})")
+
+
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None = None,
-           implementation: str = "auto") -> jax.Array:
-  """softmax(q k^T) v, `[batch, length, heads, head_dim]` in and out (q pre-scaled)."""
+           implementation: str = "auto", *, segment_ids: jax.Array | None = None) -> jax.Array:
+  """softmax(q k^T) v, `[batch, length, heads, head_dim]` in and out (q pre-scaled), masked by `mask` or by
+  `segment_ids` `[batch, length]` (at most one of the two)."""
+  _check_segments(query, key, mask, segment_ids)
   implementation = resolve(implementation, query.dtype)
-  if implementation == "cudnn":
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0, implementation="cudnn")
   if implementation == "blockwise":
     batch, length, heads, _ = query.shape
     if mask is not None:
       mask = jnp.broadcast_to(mask, (batch, heads, length, key.shape[1]))
-    return _blockwise(query, key, value, mask)
+    return _blockwise(query, key, value, mask, segment_ids)
+  if segment_ids is not None:
+    mask = segment_mask(segment_ids)
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0, implementation="cudnn")
   return dense_attention(query, key, value, mask)
 
 
-def attention_weights(query: jax.Array, key: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def attention_weights(query: jax.Array, key: jax.Array, mask: jax.Array | None = None, *,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
   """softmax(q k^T) `[batch, heads, queries, keys]` in float32 (materialised: `xla`, and attention dropout)."""
+  _check_segments(query, key, mask, segment_ids)
+  if segment_ids is not None:
+    mask = segment_mask(segment_ids)
   logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, _MASKED)
@@ -115,7 +145,12 @@ def _block_backward(query, key, value, mask, out, log_sum_exp, d_out):
   if mask is not None:
     logits = jnp.where(mask, logits, _MASKED)
   probs = jnp.exp(logits - log_sum_exp[:, None])
-  d_value = jnp.einsum("qk,qd->kd", probs.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
+  # A fully masked query's log-sum-exp rounds to _MASKED, so its probs come out 1, not 1 / keys: as in the dense
+  # path, its value gradient is d_out / keys and its logits (masked) get no gradient.
+  empty = (log_sum_exp == _MASKED)[:, None]
+  d_value = jnp.einsum("qk,qd->kd", probs.astype(d_out.dtype), jnp.where(empty, d_out / key.shape[0], d_out),
+                       preferred_element_type=jnp.float32)
+  d_out = jnp.where(empty, 0, d_out)
   d_probs = jnp.einsum("qd,kd->qk", d_out, value, preferred_element_type=jnp.float32)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   d_logits = (probs * (d_probs - delta)).astype(query.dtype)
@@ -124,45 +159,57 @@ def _block_backward(query, key, value, mask, out, log_sum_exp, d_out):
   return d_query, d_key, d_value
 
 
-def _mask_rows(mask: jax.Array | None, batch: int, heads: int, length: int) -> jax.Array | None:
-  return None if mask is None else mask.reshape(batch * heads, length, -1)
+def _row_masks(mask, segment_ids, heads, block):
+  """Per row, what each query block's mask is made from: (`[rows, blocks, block, keys]` blocks of a dense mask,
+  None) or (`[rows, blocks, block]` query segment ids, `[rows, keys]` key segment ids); (None, None) unmasked."""
+  if segment_ids is not None:
+    row_segments = jnp.repeat(segment_ids, heads, axis=0)  # row b * heads + h, as _rows orders them
+    # padding keys as -1: one comparison builds a block's mask, and padding queries (0) match no key
+    return _query_blocks(row_segments, block), jnp.where(row_segments > 0, row_segments, -1)
+  if mask is not None:
+    return _query_blocks(mask.reshape(-1, *mask.shape[2:]), block), None
+  return None, None
 
 
-def _forward(query, key, value, mask):
+def _block_mask(block_mask, key_segments):
+  """One query block's `[block, keys]` mask: a dense mask's block, or built from the block's segment ids."""
+  return block_mask if key_segments is None else block_mask[:, None] == key_segments[None, :]
+
+
+def _forward(query, key, value, mask, segment_ids):
   """An outer scan over rows (each row's keys and values sliced once) and an inner scan over its query blocks."""
   batch, length, heads, _ = query.shape
   block = _block_size(length)
   query_blocks = _query_blocks(_rows(query), block)
-  masks = _mask_rows(mask, batch, heads, length)
-  mask_blocks = None if masks is None else _query_blocks(masks, block)
+  mask_blocks, key_segments = _row_masks(mask, segment_ids, heads, block)
 
   def row_step(_, row):
-    query_row, key_row, value_row, mask_row = row
+    query_row, key_row, value_row, mask_row, key_segments_row = row
 
     def block_step(_, block_inputs):
       block_query, block_mask = block_inputs
-      return None, _block_forward(block_query, key_row, value_row, block_mask)
+      return None, _block_forward(block_query, key_row, value_row, _block_mask(block_mask, key_segments_row))
 
     return None, jax.lax.scan(block_step, None, (query_row, mask_row), unroll=UNROLL_BLOCKS)[1]
 
-  rows = (query_blocks, _rows(key), _rows(value), mask_blocks)
+  rows = (query_blocks, _rows(key), _rows(value), mask_blocks, key_segments)
   _, (out, log_sum_exp) = jax.lax.scan(row_step, None, rows)
   return _unrows(_from_query_blocks(out, length), batch, heads), log_sum_exp
 
 
-def _backward(query, key, value, mask, out, log_sum_exp, d_out):
+def _backward(query, key, value, mask, segment_ids, out, log_sum_exp, d_out):
   batch, length, heads, _ = query.shape
   block = _block_size(length)
-  masks = _mask_rows(mask, batch, heads, length)
   blocked = [_query_blocks(_rows(x), block) for x in (query, out, d_out)]
-  mask_blocks = None if masks is None else _query_blocks(masks, block)
+  mask_blocks, key_segments = _row_masks(mask, segment_ids, heads, block)
 
   def row_step(_, row):
-    query_row, out_row, d_out_row, lse_row, key_row, value_row, mask_row = row
+    query_row, out_row, d_out_row, lse_row, key_row, value_row, mask_row, key_segments_row = row
 
     def block_step(carry, block_inputs):
       block_query, block_out, block_d_out, block_lse, block_mask = block_inputs
-      d_query, d_key, d_value = _block_backward(block_query, key_row, value_row, block_mask, block_out, block_lse,
+      d_query, d_key, d_value = _block_backward(block_query, key_row, value_row,
+                                                _block_mask(block_mask, key_segments_row), block_out, block_lse,
                                                 block_d_out)
       return (carry[0] + d_key, carry[1] + d_value), d_query
 
@@ -172,7 +219,7 @@ def _backward(query, key, value, mask, out, log_sum_exp, d_out):
                                              unroll=UNROLL_BLOCKS)
     return None, (d_query, d_key, d_value)
 
-  rows = (*blocked, log_sum_exp, _rows(key), _rows(value), mask_blocks)
+  rows = (*blocked, log_sum_exp, _rows(key), _rows(value), mask_blocks, key_segments)
   _, (d_query, d_keys, d_values) = jax.lax.scan(row_step, None, rows)
   d_query = _unrows(_from_query_blocks(d_query, length), batch, heads)
   return (d_query.astype(query.dtype), _unrows(d_keys, batch, heads).astype(key.dtype),
@@ -180,19 +227,20 @@ def _backward(query, key, value, mask, out, log_sum_exp, d_out):
 
 
 @jax.custom_vjp
-def _blockwise(query, key, value, mask):
-  """Blockwise attention; `mask` is None or boolean `[batch, heads, length, length]` (no gradient)."""
-  return _forward(query, key, value, mask)[0]
+def _blockwise(query, key, value, mask, segment_ids):
+  """Blockwise attention; `mask` None or boolean `[batch, heads, length, length]`, `segment_ids` None or
+  `[batch, length]` (at most one given; neither has a gradient)."""
+  return _forward(query, key, value, mask, segment_ids)[0]
 
 
-def _blockwise_fwd(query, key, value, mask):
-  out, log_sum_exp = _forward(query, key, value, mask)
-  return out, (query, key, value, mask, out, log_sum_exp)
+def _blockwise_fwd(query, key, value, mask, segment_ids):
+  out, log_sum_exp = _forward(query, key, value, mask, segment_ids)
+  return out, (query, key, value, mask, segment_ids, out, log_sum_exp)
 
 
 def _blockwise_bwd(residuals, d_out):
-  query, key, value, mask, out, log_sum_exp = residuals
-  return (*_backward(query, key, value, mask, out, log_sum_exp, d_out), None)
+  query, key, value, mask, segment_ids, out, log_sum_exp = residuals
+  return (*_backward(query, key, value, mask, segment_ids, out, log_sum_exp, d_out), None, None)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -1,4 +1,4 @@
-"""The ViT encoder shared by every transformer variant: pre-LN blocks, attention with an optional mask.
+"""The ViT encoder shared by every transformer variant: pre-LN blocks, attention with an optional mask or segment ids.
 
 Parameter names follow timm's ViT (`qkv`, `proj`, `fc1`, `fc2`, `norm1`, `norm2`) so that weight conversion is a
 rename plus a transpose. Every parameter carries logical axis names and activations are constrained by name
@@ -83,8 +83,10 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
-    """tokens `[batch, length, width]`; mask `[batch, 1 | heads, length, length]` (True = may attend)."""
+  def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    """tokens `[batch, length, width]`; mask `[batch, 1 | heads, length, length]` (True = may attend) or segment ids
+    `[batch, length]` (0 = padding; a token attends to its own segment only)."""
     if self.implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"attention implementation {self.implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
     batch, length, width = tokens.shape
@@ -95,11 +97,11 @@ class Attention(nn.Module):
     if self.scale_logits:
       query = query * jnp.asarray(head_dim**-0.5, query.dtype)
     if self.dropout and train:  # dropout on the attention weights needs them materialised
-      weights = attention_weights(query, key, mask).astype(value.dtype)
+      weights = attention_weights(query, key, mask, segment_ids=segment_ids).astype(value.dtype)
       weights = nn.Dropout(self.dropout)(weights, deterministic=False)
       mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
     else:
-      mixed = attend(query, key, value, mask, self.implementation)
+      mixed = attend(query, key, value, mask, self.implementation, segment_ids=segment_ids)
     mixed = constrain(mixed, "batch", "length", "act_heads", None).reshape(batch, length, width)
     return dense(width, "heads", "embed", self.dtype, "proj")(mixed)
 
@@ -133,11 +135,12 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+  def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, train: bool = False,
+               segment_ids: jax.Array | None = None) -> jax.Array:
     tokens = constrain(tokens, "batch", "length", "act_embed")
     normed = layer_norm(self.layer_norm_eps, self.dtype, "norm1")(tokens)
     attended = Attention(self.num_heads, self.attention_dropout, self.scale_logits, self.attention, self.dtype,
-                         name="attn")(normed, mask, train=train)
+                         name="attn")(normed, mask, segment_ids=segment_ids, train=train)
     tokens = tokens + nn.Dropout(self.dropout)(attended, deterministic=not train)
     normed = layer_norm(self.layer_norm_eps, self.dtype, "norm2")(tokens)
     hidden = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(normed, train=train)
@@ -148,8 +151,9 @@ class _ScanBlock(Block):
   """A Block in nn.scan's (carry, input) -> (carry, output) form."""
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, train: bool = False):
-    return super().__call__(tokens, mask, train), None
+  def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, train: bool = False,
+               segment_ids: jax.Array | None = None):
+    return super().__call__(tokens, mask, train, segment_ids), None
 
 
 class Encoder(nn.Module):
@@ -172,23 +176,27 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+  def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    """tokens `[batch, length, width]`; an optional mask or segment ids `[batch, length]` as `Attention` takes."""
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
     block_cls = _ScanBlock if self.scan_layers else Block
     if self.remat != "none":
-      # Rematerialisation trades compute for activation memory on long sequences.
+      # Rematerialisation trades compute for activation memory on long sequences. Blocks take (tokens, mask, train,
+      # segment_ids) by position: static_argnums counts `self`, so 3 is `train`.
       block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], static_argnums=(3,),
                            prevent_cse=not self.scan_layers)
     block = functools.partial(block_cls, self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
                               self.layer_norm_eps, self.scale_logits, self.attention, self.dtype)
     if self.scan_layers:
       scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=self.depth,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      tokens, _ = scanned(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout, self.layer_norm_eps,
-                          self.scale_logits, self.attention, self.dtype, name="blocks")(tokens, mask, train)
+      blocks = scanned(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout, self.layer_norm_eps,
+                       self.scale_logits, self.attention, self.dtype, name="blocks")
+      tokens, _ = blocks(tokens, mask, train, segment_ids)
     else:
       for index in range(self.depth):
-        tokens = block(name=f"blocks_{index}")(tokens, mask, train)
+        tokens = block(name=f"blocks_{index}")(tokens, mask, train, segment_ids)
     return layer_norm(self.layer_norm_eps, self.dtype, "norm")(tokens)
