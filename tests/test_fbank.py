@@ -327,3 +327,25 @@ def test_bad_batch_input_is_rejected():
     fbank_batch(np.zeros((2, 300), np.float32))
   with pytest.raises(ValueError, match="NaN"):
     fbank_batch(np.full((2, 1000), np.inf, np.float32))
+
+
+@pytest.mark.parametrize("per_clip", [True, False])
+def test_per_clip_frame_shifts_match_reference(per_clip):
+  """ElasticAST's variable resolution: each clip framed at its own shift (10 q ms) in one traced program."""
+  from ast_jax.audio.fbank import batch_features_at
+
+  waveforms = [remove_mean(load_audio(str(path))) for path in fsdd_files(step=300)[:4]]
+  resolutions = [1.0, 1.5, 2.2, 4.0]
+  shifts = np.array([FbankOptions.create(16000, frame_shift=10 * q).window_shift for q in resolutions])
+  lengths = np.array([len(w) for w in waveforms])
+  batch = np.zeros((len(waveforms), lengths.max()), np.float32)
+  for row, waveform in zip(batch, waveforms):
+    row[:len(waveform)] = waveform
+  options = FbankOptions.create(16000, **AST)
+  frames = 1 + (lengths.max() - 400) // 160
+  run = jax.jit(batch_features_at, static_argnames=("options", "frames", "per_clip"))
+  fbank, num_frames = run(batch, lengths, shifts, options, frames, per_clip=per_clip)
+  for i, (waveform, q) in enumerate(zip(waveforms, resolutions)):
+    ref = reference(waveform, frame_shift=10 * q)
+    assert num_frames[i] == ref.shape[0]
+    assert_parity(np.asarray(fbank[i, :num_frames[i]]), ref)

@@ -162,3 +162,30 @@ def test_roll_without_noise_is_a_circular_time_shift():
     assert len(matches) == 1
     shifts.append(matches[0])
   assert len(set(shifts)) > 1  # drawn per example
+
+
+def test_time_mask_width_scales_per_example():
+  """ElasticAST: a clip framed at q times the shift gets a time mask 1/q as wide (the same stretch of audio)."""
+  fbank = jnp.ones((4000, 60, 8))
+  scale = np.tile(np.array([1.0, 0.25], np.float32), 2000)
+  masked = np.asarray(jax.jit(frequency_time_mask, static_argnames=("freq_mask", "time_mask"))(
+      jax.random.key(0), fbank, 0, 40, scale))
+  widths = (masked[:, :, 0] == 0).sum(axis=1)
+  assert widths[0::2].max() == 39 and widths[1::2].max() == 9  # floor(U * 40) and floor(U * 10)
+  assert abs(widths[1::2].mean() - 4.5) < 0.3
+
+
+def test_slot_input_frames_each_clip_at_its_shift_and_rejects_roll():
+  from ast_jax.audio import slot_input
+
+  batch, lengths = clips([16240, 9000], seed=2)
+  shifts = np.array([160, 320])  # q = 1 and q = 2
+  features = np.asarray(slot_input(batch, lengths, shifts, AUDIO, 100))
+  assert features.shape == (2, 100, 128)
+  coarse = dict(AUDIO, frame_shift=20.0)
+  expected = np.asarray(model_input(batch[1:, :9000], lengths[1:], dict(coarse, target_length=100)))
+  np.testing.assert_allclose(features[1], expected[0], atol=1e-4)  # 27 frames, then padding as model_input's
+  np.testing.assert_allclose(features[0], np.asarray(model_input(batch[:1], lengths[:1], AUDIO))[0], atol=1e-4)
+  with pytest.raises(ValueError, match="roll"):
+    slot_input(batch, lengths, shifts, AUDIO, 100, augment=dict(freq_mask=0, time_mask=0, noise=False, roll=10),
+               rng=jax.random.key(0))

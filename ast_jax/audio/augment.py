@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _band(rng: jax.Array, batch: int, size: int, max_width: int) -> jax.Array:
+def _band(rng: jax.Array, batch: int, size: int, max_width: int | jax.Array) -> jax.Array:
   """torchaudio `mask_along_axis` bands as a `[batch, size]` bool mask, one band per example.
 
   width = floor(U * max_width), start = floor(U' * (size - U * max_width)): the start uses the unrounded width.
@@ -22,19 +22,22 @@ def _band(rng: jax.Array, batch: int, size: int, max_width: int) -> jax.Array:
   return (position >= start[:, None]) & (position < end[:, None])
 
 
-def frequency_time_mask(rng: jax.Array, fbank: jax.Array, freq_mask: int, time_mask: int) -> jax.Array:
+def frequency_time_mask(rng: jax.Array, fbank: jax.Array, freq_mask: int, time_mask: int,
+                        time_scale: jax.Array | None = None) -> jax.Array:
   """SpecAugment as upstream AST: one frequency band and one time range set to 0 per example.
 
   `fbank` is `[batch, frames, mel_bins]` before normalisation (so masked cells read as log-mel 0). Band widths
   are uniform in [0, max_width) as torchaudio's FrequencyMasking / TimeMasking (iid per example); a max width
-  of 0 leaves that axis untouched.
+  of 0 leaves that axis untouched. `time_scale` `[batch]` scales each example's time-mask width (ElasticAST: 1/q
+  for a clip framed at q times the frame shift, so the mask covers the same stretch of audio).
   """
   batch, frames, mel_bins = fbank.shape
   freq_key, time_key = jax.random.split(rng)
   if freq_mask > 0:
     fbank = jnp.where(_band(freq_key, batch, mel_bins, freq_mask)[:, None, :], 0.0, fbank)
   if time_mask > 0:
-    fbank = jnp.where(_band(time_key, batch, frames, time_mask)[:, :, None], 0.0, fbank)
+    width = time_mask if time_scale is None else time_mask * jnp.asarray(time_scale, jnp.float32)
+    fbank = jnp.where(_band(time_key, batch, frames, width)[:, :, None], 0.0, fbank)
   return fbank
 
 

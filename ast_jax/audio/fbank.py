@@ -298,6 +298,38 @@ def batch_features(waveforms: jax.Array, num_samples: jax.Array, options: FbankO
   return fbank, counts
 
 
+def batch_features_at(waveforms: jax.Array, num_samples: jax.Array, window_shifts: jax.Array,
+                      options: FbankOptions, frames: int, rng: jax.Array | None = None, *,
+                      per_clip: bool | None = None) -> tuple[jax.Array, jax.Array]:
+  """`batch_features` with each clip's own frame shift: `window_shifts[i]` samples (traced, so one compiled
+  program serves every shift) -> fbank `[batch, frames, features]`, num_frames `[batch]` (at most `frames`).
+
+  Clip i's frames equal `kaldi_fbank` of that clip with `frame_shift` = its shift (snip_edges only); frames are
+  gathered by index, as a shift that is not a static number cannot be cut into strided slices.
+  """
+  if not options.snip_edges:
+    raise ValueError("per-clip frame shifts need snip_edges=True")
+  if per_clip is None:
+    per_clip = jax.default_backend() == "cpu"
+  samples, size = waveforms.shape[-1], options.window_size
+  window_shifts = jnp.asarray(window_shifts, jnp.int32)
+  offsets = jnp.arange(size, dtype=jnp.int32)[None, :]
+
+  def clip_frames(waveform: jax.Array, shift: jax.Array) -> jax.Array:
+    index = jnp.arange(frames, dtype=jnp.int32)[:, None] * shift + offsets
+    return jnp.take(waveform, jnp.minimum(index, samples - 1))  # frames past the clip are masked by the caller
+
+  if per_clip:
+    keys = jax.random.split(rng, waveforms.shape[0]) if rng is not None else None
+    fbank = jax.lax.map(lambda clip: frames_to_fbank(clip_frames(clip[0], clip[1]), options, clip[2]),
+                        (waveforms, window_shifts, keys))
+  else:
+    fbank = frames_to_fbank(jax.vmap(clip_frames)(waveforms, window_shifts), options, rng)
+  num_samples = jnp.asarray(num_samples, jnp.int32)
+  counts = jnp.where(num_samples >= size, 1 + (num_samples - size) // jnp.maximum(window_shifts, 1), 0)
+  return fbank, jnp.minimum(counts, frames).astype(jnp.int32)
+
+
 _fbank_batch = jax.jit(batch_features, static_argnames=("options", "per_clip"))
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ast_jax.audio import augment as augment_lib
-from ast_jax.audio.fbank import FbankOptions, batch_features
+from ast_jax.audio.fbank import FbankOptions, batch_features, batch_features_at
 
 
 def _field(config: Any, name: str, default: Any = dataclasses.MISSING) -> Any:
@@ -154,3 +154,53 @@ def model_input(
   elif samples < options.window_size:  # too short for one frame: every clip gets 0 frames, all padding
     waveforms = jnp.pad(waveforms, ((0, 0), (0, options.window_size - samples)))
   return _model_input(waveforms, num_samples, rng, front, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("front", "spec", "frames"))
+def _slot_input(waveforms, num_samples, window_shifts, time_scale, rng, front: FrontEnd, spec: AugmentSpec | None,
+                frames: int):
+  keys = jax.random.split(rng, 3) if rng is not None else (None, None, None)
+  fbank, num_frames = batch_features_at(waveforms, num_samples, window_shifts, front.fbank_options(), frames, keys[0])
+  fbank = pad_or_cut(fbank, num_frames, frames)
+  if spec is not None and (spec.freq_mask > 0 or spec.time_mask > 0):
+    fbank = augment_lib.frequency_time_mask(keys[1], fbank, spec.freq_mask, spec.time_mask, time_scale)
+  fbank = (fbank - front.mean) / (2.0 * front.std)
+  if spec is not None and spec.noise:
+    fbank = augment_lib.add_noise(keys[2], fbank)
+  return fbank
+
+
+def slot_input(
+    waveforms,
+    num_samples,
+    window_shifts,
+    audio: Mapping[str, Any] | FrontEnd,
+    frames: int,
+    *,
+    time_scale: jax.Array | None = None,
+    augment: Mapping[str, Any] | AugmentSpec | None = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+  """ElasticAST's front end for clips of any length and resolution: waveforms `[n, samples]`, each framed at its
+  own `window_shifts[i]` samples -> float32 `[n, frames, mel_bins]`, frames past a clip's end zero before
+  normalisation (as `model_input` pads). `time_scale[i]` scales clip i's time-mask width (1/q).
+
+  Augmentation as `model_input`, except the time roll, which would move a clip across the end of its own frames.
+  """
+  front = FrontEnd.from_config(audio)
+  spec = AugmentSpec.from_config(augment) if augment is not None and rng is not None else None
+  spec = spec if spec is not None and spec.active else None
+  if spec is not None and spec.roll > 0:
+    raise ValueError("augment.roll is not supported for clips of native length (packed input); set it to 0")
+  if front.dither > 0.0 and rng is None:
+    raise ValueError(f"audio.dither={front.dither} needs a PRNG key: pass rng")
+  waveforms = jnp.asarray(waveforms, jnp.float32)
+  if waveforms.ndim != 2:
+    raise ValueError(f"slot_input expects waveforms [n, samples], got shape {waveforms.shape}")
+  window = front.fbank_options().window_size
+  if waveforms.shape[1] < window:
+    waveforms = jnp.pad(waveforms, ((0, 0), (0, window - waveforms.shape[1])))
+  if time_scale is None:
+    time_scale = jnp.ones(waveforms.shape[:1], jnp.float32)
+  return _slot_input(waveforms, jnp.asarray(num_samples, jnp.int32), jnp.asarray(window_shifts, jnp.int32),
+                     jnp.asarray(time_scale, jnp.float32), rng, front, spec, int(frames))
