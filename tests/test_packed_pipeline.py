@@ -14,7 +14,7 @@ SPEC = PackingSpec(rows=2, row_tokens=96, max_clips=8, mel_bins=64, max_frames=1
 def setup(seed=0, num_train=40):
   sources = demo_sources(seed, num_train, 8)
   lengths = clip_lengths(sources.train, SPEC.sample_rate)
-  plans = PackedPlans(lengths, EpochSampler(len(sources.train), seed), SPEC)
+  plans = PackedPlans(lengths, EpochSampler(len(sources.train), seed), SPEC, seed)
   reader = WaveformReader(sources.train, SPEC.sample_rate)
   batches = PackedBatches(plans, reader, [e.labels for e in sources.train], 8, seed)
   return sources, lengths, plans, reader, batches
@@ -23,8 +23,7 @@ def setup(seed=0, num_train=40):
 def test_every_clip_once_per_epoch_with_fixed_shapes():
   sources, lengths, plans, _, batches = setup()
   assert len(set(lengths.tolist())) > 5  # the demo clips have natural, different lengths
-  first_epoch = plans.epoch(0)
-  count = len(first_epoch)
+  count = len(plans.epoch(0).batches)
   seen = []
   for position in range(count):
     batch = batches(position)
@@ -74,7 +73,7 @@ def test_elastic_ast_learns_from_packed_demo_batches():
   config.augment.update(freq_mask=0, time_mask=0)
   spec = PackingSpec(rows=4, row_tokens=128, max_clips=8, mel_bins=64, max_frames=128)
   sources = demo_sources(0, 160, 8)
-  plans = PackedPlans(clip_lengths(sources.train, 16000), EpochSampler(len(sources.train), 0), spec)
+  plans = PackedPlans(clip_lengths(sources.train, 16000), EpochSampler(len(sources.train), 0), spec, 0)
   batches = PackedBatches(plans, WaveformReader(sources.train, 16000), [e.labels for e in sources.train], 8, 0)
   model = ElasticAST(num_classes=8, width=64, depth=2, num_heads=2, max_freq_patches=4, max_time_patches=8,
                      max_clips=8)
@@ -87,7 +86,7 @@ def test_elastic_ast_learns_from_packed_demo_batches():
   step = jax.jit(make_packed_train_step(model, tx, lambda count: 1e-3, config, jax.random.key(1)))
   losses = []
   for position in range(60):
-    state, metrics = step(state, batches(position % len(plans.epoch(0))))
+    state, metrics = step(state, batches(position % len(plans.epoch(0).batches)))
     losses.append(float(metrics["loss"]))
   assert float(metrics["packing_efficiency"]) > 0.8
   assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:5]), losses  # chance is ln 8 = 2.08
@@ -104,24 +103,76 @@ def test_elastic_ast_learns_from_packed_demo_batches():
   np.testing.assert_allclose(float(evaluated["loss_sum"]), expected, rtol=1e-4)
 
 
-def test_grain_iterator_restores_and_hosts_split_rows():
+def _stream(sources, shard_index=0, shard_count=1):
   from ast_jax.data.packed import packed_train_iterator
 
+  plans = PackedPlans(clip_lengths(sources.train, SPEC.sample_rate), EpochSampler(len(sources.train), 0), SPEC, 0)
+  return packed_train_iterator(plans, WaveformReader(sources.train, SPEC.sample_rate),
+                               [e.labels for e in sources.train], 8, seed=0, shard_index=shard_index,
+                               shard_count=shard_count)
+
+
+def test_grain_iterator_restores_and_hosts_split_rows():
   sources = demo_sources(0, 40, 8)
-  labels = [e.labels for e in sources.train]
-  stream = packed_train_iterator(sources.train, labels, 8, SPEC, seed=0)
+  stream = _stream(sources)
   [next(stream) for _ in range(3)]
   state = stream.get_state()
   expected = next(stream)
-  again = packed_train_iterator(sources.train, labels, 8, SPEC, seed=0)
+  again = _stream(sources)
   again.set_state(state)
   restored = next(again)
   for key in expected:
     np.testing.assert_array_equal(restored[key], expected[key], err_msg=key)
-  hosts = [packed_train_iterator(sources.train, labels, 8, SPEC, seed=0, shard_index=h, shard_count=2)
-           for h in range(2)]
-  whole = packed_train_iterator(sources.train, labels, 8, SPEC, seed=0)
+  hosts = [_stream(sources, h, 2) for h in range(2)]
+  whole = _stream(sources)
   for _ in range(2):
     full, parts = next(whole), [next(host) for host in hosts]
     for key in full:
       np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), full[key], err_msg=key)
+
+
+def test_variable_resolution_and_random_crops_are_planned_per_clip_and_epoch():
+  import dataclasses
+
+  spec = dataclasses.replace(SPEC, drop_rate=0.0, resolutions=(1.0, 2.0, 3.0), crop="random", min_crop_frames=20)
+  sources = demo_sources(0, 40, 8)
+  lengths = clip_lengths(sources.train, spec.sample_rate)
+  plans = PackedPlans(lengths, EpochSampler(len(sources.train), 0), spec, 0)
+  reader = WaveformReader(sources.train, spec.sample_rate)
+  batches = PackedBatches(plans, reader, [e.labels for e in sources.train], 8, 0)
+  first, second = plans.epoch(0), plans.epoch(1)
+  assert set(first.resolution.tolist()) == {1.0, 2.0, 3.0}
+  assert not np.array_equal(first.resolution, second.resolution)  # drawn afresh each epoch
+  shortest = spec.frame_samples(20)
+  assert np.all(first.num_samples >= np.minimum(shortest, lengths))
+  assert np.all(first.num_samples <= np.minimum(lengths, spec.max_samples))
+  assert np.all(first.start + first.num_samples <= lengths) and first.start.max() > 0
+  share = first.num_samples / np.minimum(lengths, spec.max_samples)
+  assert share.min() < 0.5 and share.max() > 0.9  # random lengths, from short crops to (nearly) whole clips
+  batch = batches(0)
+  for row, slot in np.argwhere(batch["clip_mask"] > 0):
+    clip, q = batch["index"][row, slot], first.resolution[batch["index"][row, slot]]
+    assert batch["resolution"][row, slot] == q
+    assert batch["window_shift"][row, slot] == int(16000 * 10.0 * q * 0.001)
+    start, count = first.start[clip], first.num_samples[clip]
+    np.testing.assert_array_equal(batch["waveform"][row, slot, :count], reader.decode(clip)[start:start + count])
+    # the tokens of the slot are its (freq, time) grid at resolution q
+    freq, time = spec.grid(int(count), float(q))
+    assert batch["time_patches"][row, slot] == time
+    assert int((batch["segment_ids"][row] == slot + 1).sum()) == freq * time
+
+
+def test_evaluation_plan_packs_every_clip_once_at_one_resolution():
+  from ast_jax.data.packed import PackingSpec, packed_eval_batches
+
+  sources = demo_sources(0, 8, 30)
+  spec = PackingSpec(rows=2, row_tokens=96, max_clips=8, mel_bins=64, max_frames=100, resolutions=(2.0,))
+  lengths = clip_lengths(sources.eval, 16000)
+  plans = PackedPlans(lengths, None, spec)
+  batches = list(packed_eval_batches(plans, WaveformReader(sources.eval, 16000), [e.labels for e in sources.eval],
+                                     8))
+  seen = np.concatenate([b["index"][b["clip_mask"] > 0] for b in batches])
+  assert sorted(seen.tolist()) == list(range(30))
+  assert all(np.all(b["resolution"][b["clip_mask"] > 0] == 2.0) for b in batches)
+  assert all(b["segment_ids"].shape == (2, 96) for b in batches)
+  assert plans.epoch(0).num_samples.max() <= spec.max_samples

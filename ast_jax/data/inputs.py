@@ -1,0 +1,120 @@
+"""The trainer's view of its input, one object per input kind: fixed-length batches (AST) or packed rows of clips
+of any length (ElasticAST, `config.model.name = 'elastic'`). Both give the steps per epoch, the endless
+training iterator and evaluation passes, optionally at another length cap or frame-shift resolution q.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import ml_collections
+import numpy as np
+
+from ast_jax.data import packed, pipeline
+from ast_jax.data.reader import WaveformReader
+from ast_jax.data.sampling import EpochSampler, balanced_weights
+from ast_jax.data.sources import DataError, Sources
+
+log = logging.getLogger(__name__)
+
+
+def is_packed(config: ml_collections.ConfigDict) -> bool:
+  return config.model.get("name", "ast") == "elastic"
+
+
+def packing_spec(config: ml_collections.ConfigDict, *, train: bool = True, length: int | None = None,
+                 resolution: float | None = None) -> packed.PackingSpec:
+  """The `PackingSpec` of `config.packing` (with the audio front end and patch size), for training or for
+  evaluation (eval rows, one resolution: `resolution` or the first of `packing.resolutions`; `length` caps clips
+  at that many frames instead of `packing.max_frames`)."""
+  packing, audio = config.packing, config.audio
+  rows = packing.rows if train else packing.eval_rows or packing.rows
+  resolutions = tuple(float(q) for q in packing.resolutions)
+  return packed.PackingSpec(
+      rows=rows, row_tokens=packing.row_tokens, max_clips=packing.max_clips, patch=config.model.patch_size,
+      mel_bins=audio.num_mel_bins, max_frames=length or packing.max_frames, sample_rate=audio.sample_rate,
+      frame_length=audio.frame_length, frame_shift=audio.frame_shift, method=packing.method,
+      drop_rate=packing.drop_rate if train else 0.0,
+      resolutions=resolutions if train else (float(resolution or resolutions[0]),),
+      crop=packing.crop if train else "start", min_crop_frames=packing.min_crop_frames if train else 0)
+
+
+class FixedInput:
+  """Batches of `config.data.batch_size` clips padded or cut to `config.audio.target_length` frames."""
+
+  packed = False
+
+  def __init__(self, config: ml_collections.ConfigDict, sources: Sources):
+    self.config, self.sources = config, sources
+    self.steps_per_epoch = pipeline.steps_per_epoch(config, sources)
+    self.examples_per_step = float(config.data.batch_size)
+
+  def train_iterator(self, seed: int, shard_index: int = 0, shard_count: int = 1):
+    return pipeline.train_iterator(self.config, self.sources, seed=seed, shard_index=shard_index,
+                                   shard_count=shard_count)
+
+  def eval_batches(self, shard_index: int = 0, shard_count: int = 1, *, config: ml_collections.ConfigDict | None = None
+                   ) -> Iterable[dict[str, np.ndarray]]:
+    """One pass over the evaluation set; `config` overrides the front end (another length or frame shift)."""
+    return pipeline.eval_iterator(config or self.config, self.sources, shard_index=shard_index,
+                                  shard_count=shard_count)
+
+
+class PackedInput:
+  """Global batches of `config.packing.rows` rows of `row_tokens` tokens, each holding whole clips. An epoch is
+  every clip once; its batch count depends on the epoch's order and crops, so `steps_per_epoch` is epoch 0's
+  (later epochs differ by a batch or so; batches run on across epoch boundaries by position)."""
+
+  packed = True
+
+  def __init__(self, config: ml_collections.ConfigDict, sources: Sources):
+    self.config, self.sources = config, sources
+    if len(sources.label_names) != config.num_classes:
+      raise DataError(f"config.num_classes is {config.num_classes} but the data set has "
+                      f"{len(sources.label_names)} labels")
+    self.spec = packing_spec(config)
+    self.train_lengths = packed.clip_lengths(sources.train, self.spec.sample_rate)
+    self.eval_lengths = packed.clip_lengths(sources.eval, self.spec.sample_rate)
+    label_sets = [example.labels for example in sources.train]
+    weights = balanced_weights(label_sets, config.num_classes) if config.data.balanced_sampling else None
+    self.plans = packed.PackedPlans(self.train_lengths, EpochSampler(len(sources.train), config.seed, weights),
+                                    self.spec, seed=config.seed)
+    self.steps_per_epoch = len(self.plans.epoch(0).batches)
+    self.examples_per_step = len(sources.train) / self.steps_per_epoch
+    self.train_reader, self.eval_reader = self._reader(sources.train), self._reader(sources.eval)
+    packing_efficiency, padded_efficiency = self.plans.efficiency(0)
+    self.efficiency = {"packing_efficiency": packing_efficiency, "padded_efficiency": padded_efficiency}
+    log.info("packing: %d clips in %d batches of %d x %d tokens; %.1f %% of tokens are real (padding every clip "
+             "to the longest: %.1f %%)", len(sources.train), self.steps_per_epoch, self.spec.rows,
+             self.spec.row_tokens, 100 * packing_efficiency, 100 * padded_efficiency)
+
+  def _reader(self, examples) -> WaveformReader:
+    return WaveformReader(examples, self.spec.sample_rate, cache=self.config.data.cache_audio,
+                          skip_bad=self.config.data.on_bad_audio == "skip")
+
+  def train_iterator(self, seed: int, shard_index: int = 0, shard_count: int = 1):
+    return packed.packed_train_iterator(
+        self.plans, self.train_reader, [e.labels for e in self.sources.train],
+        self.config.num_classes, seed=seed, shard_index=shard_index, shard_count=shard_count,
+        read_threads=_threads(), prefetch=max(2, self.config.data.prefetch_buffer_size))
+
+  def eval_batches(self, shard_index: int = 0, shard_count: int = 1, *, length: int | None = None,
+                   resolution: float | None = None) -> Iterable[dict[str, np.ndarray]]:
+    """Every evaluation clip once, capped at `length` frames (default `packing.max_frames`) and framed at
+    resolution q (default the first of `packing.resolutions`)."""
+    spec = packing_spec(self.config, train=False, length=length, resolution=resolution)
+    plans = packed.PackedPlans(self.eval_lengths, None, spec)
+    return packed.packed_eval_batches(plans, self.eval_reader, [e.labels for e in self.sources.eval],
+                                      self.config.num_classes, shard_index=shard_index, shard_count=shard_count,
+                                      read_threads=_threads(), prefetch=max(2, self.config.data.prefetch_buffer_size))
+
+
+def build_input(config: ml_collections.ConfigDict, sources: Sources) -> FixedInput | PackedInput:
+  return PackedInput(config, sources) if is_packed(config) else FixedInput(config, sources)
+
+
+def _threads() -> int:
+  import os
+
+  return max(1, min(os.cpu_count() or 1, 16))
