@@ -131,6 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
       peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0: look the device kind up (ast_jax/bench/flops.py)
   ))
 
+  # Evaluation sweeps after training (and `python -m ast_jax.sweep`): the final model evaluated with clips capped
+  # at each length (frames at the base frame shift) and framed at each resolution q (frame shift 10 * q ms);
+  # a table and a plot go to <workdir>/sweep.*. Empty: no sweep.
+  config.eval_sweep = ml_collections.ConfigDict(dict(lengths=(), resolutions=()))
+
   # Parallelism is configuration: a mesh of named axes (-1: every remaining device) and a table mapping the
   # logical axis names carried by parameters and activations to mesh axes (ast_jax/parallel/sharding.py).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -149,12 +154,40 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def elastic(config: ml_collections.ConfigDict, **packing) -> ml_collections.ConfigDict:
+  """Turns a recipe into ElasticAST (REFERENCE.md 2): the same ViT backbone on clips of their own length packed
+  into rows of `row_tokens` tokens, non-overlapping patches with factorised frequency/time positions, attention
+  masked to each clip, and one pooled output per clip. `packing` overrides the packing fields below."""
+  config.model.update(name="elastic", fstride=config.model.patch_size, tstride=config.model.patch_size)
+  config.model.pooling = "attention"  # attention: a learned query per clip; mean: masked mean of its tokens
+  config.model.positions = "integer"  # integer: in-clip patch index; fractional: any length spans the table
+  config.model.scale_logits = True  # False: upstream's unscaled attention logits (for its released weights)
+  config.model.max_time_patches = 0  # time-table rows; 0: packing.max_frames // patch_size
+  config.packing = ml_collections.ConfigDict(dict(
+      rows=8,  # rows per global batch (split over the data-parallel devices)
+      eval_rows=0,  # 0: rows
+      row_tokens=2048,
+      max_clips=16,  # clips per row at most (the per-clip outputs of a row)
+      method="best_fit",  # first_fit | best_fit
+      drop_rate=0.1,  # token dropout in training, decided when packing
+      max_frames=1024,  # clips are cut to this duration (frames at the base frame shift): T_max
+      resolutions=(1.0,),  # q per clip, drawn each epoch: frame shift audio.frame_shift * q (upstream: 1.0 ... 4.0)
+      crop="start",  # where a longer clip is cut: start | random
+      min_crop_frames=0,  # > 0: every training clip cropped to a random length of at least this many frames
+  ))
+  config.packing.update(packing)
+  config.augment.update(mixup=0.0, roll=0)  # whole clips of their own length: no waveform mixup, no time roll
+  return config
+
+
 def shrink_for_smoke_test(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same recipe (data format, front end, augmentation, loss, schedule) with a tiny model and batch, for a
   two-step check on a CPU. `get_config('smoke')` of every recipe returns this."""
   config.model.update(variant="", width=64, depth=2, num_heads=2)
   config.data.update(batch_size=2, eval_batch_size=2, num_workers=0, scan="header")
   config.train.update(epochs=1, log_every_steps=1, progress_bar=False, tensorboard=False)
+  if "packing" in config:
+    config.packing.update(rows=2, eval_rows=2)
   first, last = config.train.average_weights
   if first:
     config.train.average_weights = (1, 1)

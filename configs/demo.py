@@ -2,6 +2,7 @@
 
 Finishes in a few minutes on 2 CPU cores with accuracy far above chance (12.5 %); the first README command.
 The recipe is AST's (Kaldi front end, overlapping-capable patches, cls + dist tokens, SpecAugment, mixup), shrunk.
+`:elastic` is ElasticAST on the same clips at their own lengths (0.3-1.5 s), packed into rows of 128 tokens.
 """
 
 import ml_collections
@@ -21,6 +22,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.update(lr=1e-3, schedule="cosine", warmup_steps=50, weight_decay=0.05, weight_decay_mode="decoupled",
                       b1=0.9)
   config.train.update(epochs=12, loss="ce", main_metric="accuracy", log_every_steps=10)
-  if arg == "smoke":
+  if arg in ("elastic", "elastic_smoke"):
+    common.elastic(config, rows=4, row_tokens=128, max_clips=16, max_frames=150, drop_rate=0.1)
+  elif arg not in (None, "", "smoke"):
+    raise ValueError(f"configs/demo.py takes no argument, 'smoke', 'elastic' or 'elastic_smoke', not {arg!r}")
+  if arg in ("smoke", "elastic_smoke"):
     common.shrink_for_smoke_test(config)
   return config

@@ -2,6 +2,7 @@
 
 `--config=configs/fsdd.py` uses the upstream split (takes 0-4 of every speaker and digit are the test set);
 `--config=configs/fsdd.py:speaker` holds out one speaker (`--config.data.held_out=`, default theo).
+`--config=configs/fsdd.py:elastic` trains ElasticAST on the clips' native lengths instead (see below).
 The data folder defaults to ../shared/data/fsdd beside the repository (`--config.data.path=` to change it).
 
 Recipe for learning a transformer from scratch on 2,700 short clips on a 2-core CPU:
@@ -10,6 +11,11 @@ Recipe for learning a transformer from scratch on 2,700 short clips on a 2-core 
 - 16x16 patches overlapping by half in both axes (stride 8): 7 x 11 = 77 tokens;
 - a narrow, shallow AST (width 192, 6 blocks) with AdamW and a cosine schedule; SpecAugment and time roll.
 The mean/std are this front end's statistics over the FSDD recordings.
+
+ElasticAST (`:elastic`): the same backbone and optimiser on every clip at its own length (up to 2.4 s: all of
+FSDD) and its own time resolution: each clip framed at q x 10 ms, q from {1.0, 1.2, ..., 2.6} drawn per epoch.
+Non-overlapping 8x8 patches (8 x frames/8 tokens: 40 for the median clip), packed into 4 rows of 256 tokens;
+10 % token dropout. Both recipes sweep length caps and resolutions after training (`eval_sweep`).
 """
 
 import os
@@ -28,8 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      split="takes", batch_size=32, eval_batch_size=100, cache_audio=True, scan="decode")
   if arg == "speaker":
     config.data.update(split="speaker", held_out="theo")
-  elif arg not in (None, "", "smoke"):
-    raise ValueError(f"configs/fsdd.py takes no argument, 'speaker' or 'smoke', not {arg!r}")
+  elif arg not in (None, "", "smoke", "elastic", "elastic_smoke"):
+    raise ValueError(f"configs/fsdd.py takes no argument, 'speaker', 'elastic' or 'smoke', not {arg!r}")
   config.audio.update(num_mel_bins=64, low_freq=20.0, high_freq=4000.0, target_length=100,
                       mean=FSDD_STATS[0], std=FSDD_STATS[1])
   config.augment.update(mixup=0.0, freq_mask=12, time_mask=20, roll=10)
@@ -37,6 +43,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.update(lr=5e-4, b1=0.9, b2=0.999, weight_decay=0.05, weight_decay_mode="decoupled",
                       schedule="cosine", warmup_steps=168)
   config.train.update(epochs=30, loss="ce", main_metric="accuracy", log_every_steps=20)
-  if arg == "smoke":
+  config.eval_sweep.update(lengths=(64, 100, 150, 200, 240), resolutions=(1.0, 1.5, 2.0, 2.5))
+  if arg in ("elastic", "elastic_smoke"):
+    config.model.update(patch_size=8)
+    common.elastic(config, rows=4, row_tokens=256, max_clips=16, max_frames=240, drop_rate=0.1,
+                   resolutions=tuple(round(1.0 + 0.2 * i, 1) for i in range(9)))
+    config.optim.update(warmup_steps=100)
+  if arg in ("smoke", "elastic_smoke"):
     common.shrink_for_smoke_test(config)
   return config

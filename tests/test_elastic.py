@@ -83,3 +83,34 @@ def test_device_gather_matches_host_layout_and_patchify_is_frequency_major():
       slots[row, slot] = patches[clip].reshape(4, 5, 256)
   device = gather_packed(slots, layout.segment_ids, layout.freq_positions, layout.time_positions)
   np.testing.assert_array_equal(device, gather_patches(per_clip, layout))
+
+
+def test_fractional_positions_map_any_length_onto_the_table():
+  from ast_jax.models.elastic import fractional_rows
+
+  table = np.arange(8 * 2, dtype=np.float32).reshape(8, 2)
+  positions = np.arange(8)
+  # a clip exactly as long as the table reads the table's rows
+  np.testing.assert_allclose(fractional_rows(table, positions, np.full(8, 8)), table, atol=1e-6)
+  # a clip of 4 patches: centres at 1.5, 3.5, 5.5, 7.5 - 1 ... i.e. halfway between rows 2p and 2p + 1
+  expected = (table[0::2] + table[1::2]) / 2
+  np.testing.assert_allclose(fractional_rows(table, positions[:4], np.full(4, 4)), expected, atol=1e-6)
+  # a clip of 32 patches (4x the table) stays inside the table, first and last rows at the ends
+  rows = np.asarray(fractional_rows(table, np.arange(32), np.full(32, 32)))
+  np.testing.assert_allclose(rows[[0, -1]], table[[0, -1]], atol=1e-6)
+  assert np.all(np.diff(rows[:, 0]) >= 0)
+
+
+def test_fractional_model_runs_clips_longer_than_the_table():
+  model = ElasticAST(num_classes=5, width=32, depth=1, num_heads=2, max_freq_patches=4, max_time_patches=2,
+                     max_clips=MAX_CLIPS, positions="fractional")
+  grids = [(4, 6), (4, 1)]
+  layout = lay_out(grids, keep_tokens(grids), [[0, 1]], 32, MAX_CLIPS)
+  patches = gather_patches([np.ones((f * t, 256), np.float32) for f, t in grids], layout)
+  time_patches = np.array([[6, 1, 1, 1]], np.int32)
+  inputs = (patches, layout.segment_ids, layout.freq_positions, layout.time_positions, time_patches)
+  variables = model.init(jax.random.key(0), *inputs)
+  logits, _ = model.apply(variables, *inputs)
+  assert np.all(np.isfinite(np.asarray(logits)))
+  with pytest.raises(ValueError, match="time_patches"):
+    model.apply(variables, *inputs[:4])

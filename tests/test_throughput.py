@@ -109,11 +109,11 @@ def test_switches_are_validated():
 
 
 def test_throughput_counts_tokens_and_mfu():
-  meter = Throughput(batch_size=8, flops={"tokens": 100, "train_flops": 1e9}, peak=1e12, num_devices=2)
+  meter = Throughput(examples=8, tokens=800, train_flops=8e9, peak=1e12, num_devices=2)
   stats = meter.summary(steps=10, seconds=2.0)
   assert stats["examples_per_sec"] == 40 and stats["tokens_per_sec"] == 4000
   assert stats["mfu"] == pytest.approx(40 * 1e9 / 2e12)
-  assert "mfu" not in Throughput(8, {"tokens": 100, "train_flops": 1e9}, None, 1).summary(10, 2.0)
+  assert "mfu" not in Throughput(8, 800, 8e9, None, 1).summary(10, 2.0)
 
 
 def test_batch_must_split_into_micro_batches():

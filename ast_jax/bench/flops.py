@@ -73,10 +73,12 @@ def train_flops_per_example(*, width: int, depth: int, mlp_dim: int, num_tokens:
 
 
 def config_flops(config: Any) -> dict[str, float]:
-  """FLOPs per example of the model and input shape a config describes.
+  """FLOPs of the model and input shape a config describes.
 
   Returns width, depth, mlp_dim, patch_size, freq, time, num_patches, tokens (patches + 2 prefix tokens),
-  forward_flops and train_flops (both per example).
+  forward_flops and train_flops (per example), and tokens_per_step and train_flops_per_step (per global batch).
+  For ElasticAST an "example" is a packed row of `packing.row_tokens` tokens, counted whole: padding tokens and
+  attention between clips of a row are computed by the dense kernels, so they are counted too.
   """
   from ast_jax.models.ast import model_kwargs, patch_grid
 
@@ -84,13 +86,22 @@ def config_flops(config: Any) -> dict[str, float]:
   width, depth = kwargs["width"], kwargs["depth"]
   mlp_dim = kwargs.get("mlp_ratio", 4) * width
   patch_size = kwargs.get("patch_size", 16)
-  freq, time = patch_grid(config.audio.num_mel_bins, config.audio.target_length, patch_size,
-                          kwargs.get("fstride", 10), kwargs.get("tstride", 10))
-  shape = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=freq * time + 2, patch_size=patch_size,
-               num_patches=freq * time, num_classes=config.num_classes)
+  if config.model.get("name", "ast") == "elastic":
+    freq, time = config.audio.num_mel_bins // patch_size, config.packing.max_frames // patch_size
+    tokens = num_patches = config.packing.row_tokens
+    batch = config.packing.rows
+    shape = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=tokens, patch_size=patch_size,
+                 num_patches=num_patches, num_classes=config.num_classes * config.packing.max_clips)
+  else:
+    freq, time = patch_grid(config.audio.num_mel_bins, config.audio.target_length, patch_size,
+                            kwargs.get("fstride", 10), kwargs.get("tstride", 10))
+    tokens, num_patches, batch = freq * time + 2, freq * time, config.data.batch_size
+    shape = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=tokens, patch_size=patch_size,
+                 num_patches=num_patches, num_classes=config.num_classes)
+  train_flops = train_flops_per_example(**shape)
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, patch_size=patch_size, freq=freq, time=time,
-              num_patches=freq * time, tokens=freq * time + 2, forward_flops=forward_flops(**shape),
-              train_flops=train_flops_per_example(**shape))
+              num_patches=num_patches, tokens=tokens, forward_flops=forward_flops(**shape), train_flops=train_flops,
+              tokens_per_step=tokens * batch, train_flops_per_step=train_flops * batch)
 
 
 def _dtype_name(dtype: Any) -> str:

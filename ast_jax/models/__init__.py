@@ -17,7 +17,23 @@ def build_model(config: Any) -> nn.Module:
     from ast_jax.models.ast import model_kwargs
 
     return AST(num_classes=config.num_classes, **model_kwargs(config.model))
-  raise ValueError(f"unknown model {name!r}; available: 'ast'")
+  if name == "elastic":
+    from ast_jax.models.elastic import ElasticAST, elastic_kwargs
+
+    return ElasticAST(num_classes=config.num_classes, **elastic_kwargs(config))
+  raise ValueError(f"unknown model {name!r}; available: 'ast', 'elastic'")
+
+
+def example_inputs(config: Any) -> tuple[jax.Array, ...]:
+  """Inputs of the shapes the config's model takes (one example or row), for initialisation."""
+  import jax.numpy as jnp
+
+  if config.model.get("name", "ast") == "elastic":
+    tokens, patch = 8, config.model.patch_size
+    zeros = jnp.zeros((1, tokens), jnp.int32)
+    return (jnp.zeros((1, tokens, patch * patch), jnp.float32), jnp.ones((1, tokens), jnp.int32), zeros, zeros,
+            jnp.ones((1, config.packing.max_clips), jnp.int32))
+  return (jnp.zeros((1, config.audio.target_length, config.audio.num_mel_bins), jnp.float32),)
 
 
 def init_params(model: nn.Module, rng: jax.Array, spectrogram: jax.Array) -> Any:
@@ -26,4 +42,4 @@ def init_params(model: nn.Module, rng: jax.Array, spectrogram: jax.Array) -> Any
   return jax.jit(lambda rng, x: nn.meta.unbox(model.init(rng, x)["params"]))(rng, spectrogram)
 
 
-__all__ = ["AST", "VARIANTS", "build_model", "init_params", "patch_grid"]
+__all__ = ["AST", "VARIANTS", "build_model", "example_inputs", "init_params", "patch_grid"]

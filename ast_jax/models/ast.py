@@ -109,8 +109,9 @@ class ClassifierHead(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
-  """Resolves a `config.model` (variant name or explicit width/depth/num_heads) into AST constructor kwargs."""
+def model_kwargs(model_config: Mapping[str, Any], module: type = AST) -> dict[str, Any]:
+  """Resolves a `config.model` (variant name or explicit width/depth/num_heads) into `module`'s constructor
+  kwargs (AST's, or another ViT-backbone model's: the fields it shares with `config.model`)."""
   variant = model_config.get("variant", "base")
   if variant and variant not in VARIANTS:
     raise ValueError(f"unknown AST variant {variant!r}; choose one of {sorted(VARIANTS)} or set width/depth/num_heads")
@@ -132,9 +133,9 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
   attention = model_config.get("attention", "auto")
   if attention not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"config.model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, not {attention!r}")
-  fields = {f.name for f in dataclasses.fields(AST)}
+  fields = {f.name for f in dataclasses.fields(module)}
   extra = {key: model_config[key] for key in ("mlp_ratio", "patch_size", "fstride", "tstride", "dropout",
                                                "attention_dropout", "layer_norm_eps", "head_layer_norm_eps",
-                                               "scan_layers")
+                                               "scan_layers", "pooling", "positions", "scale_logits")
            if key in model_config and key in fields}
   return dict(width=width, depth=depth, num_heads=num_heads, dtype=dtype, remat=remat, attention=attention, **extra)

@@ -11,21 +11,17 @@ tokeniser, positions, mask and pooling differ.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ast_jax.models.ast import ClassifierHead
+from ast_jax.models.ast import ClassifierHead, model_kwargs
 from ast_jax.models.vit import Dtype, Encoder, dense, trunc_normal, with_names
 
 POOLING = ("attention", "mean")
-
-
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-  """`[rows, 1, tokens, tokens]`: True where query and key belong to the same clip; padding (0) attends nowhere
-  and nothing attends to it."""
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (same & (segment_ids[:, None, :] > 0))[:, None]
+POSITIONS = ("integer", "fractional")
 
 
 def slot_mask(segment_ids: jax.Array, max_clips: int) -> jax.Array:
@@ -73,6 +69,18 @@ class ClipAttentionPool(nn.Module):
         queries, tokens, mask=mask)
 
 
+def fractional_rows(table: jax.Array, positions: jax.Array, extents: jax.Array) -> jax.Array:
+  """Rows of `table` `[size, width]` for position p of a clip `extents` patches long, mapped onto the whole table
+  (centres aligned: coordinate (p + 0.5) * size / extent - 0.5) and linearly interpolated between rows."""
+  size = table.shape[0]
+  coordinate = (positions.astype(jnp.float32) + 0.5) * size / jnp.maximum(extents, 1).astype(jnp.float32) - 0.5
+  coordinate = jnp.clip(coordinate, 0.0, size - 1.0)
+  low = jnp.floor(coordinate).astype(jnp.int32)
+  high = jnp.minimum(low + 1, size - 1)
+  weight = (coordinate - low)[..., None]
+  return table[low] * (1.0 - weight) + table[high] * weight
+
+
 def masked_mean(tokens: jax.Array, segment_ids: jax.Array, max_clips: int) -> jax.Array:
   """`[rows, max_clips, width]`: each clip's mean token (zeros for an empty slot)."""
   weights = slot_mask(segment_ids, max_clips).astype(jnp.float32)
@@ -81,7 +89,7 @@ def masked_mean(tokens: jax.Array, segment_ids: jax.Array, max_clips: int) -> ja
 
 
 class ElasticAST(nn.Module):
-  """`__call__(patches, segment_ids, freq_positions, time_positions)` -> (logits `[rows, max_clips, classes]`,
+  """`__call__(patches, segment_ids, freq_positions, time_positions[, time_patches])` -> (logits `[rows, max_clips, classes]`,
   {"embedding": `[rows, max_clips, width]`, "tokens": `[rows, row_tokens, width]`}). Slots without a clip give
   meaningless outputs; the caller masks them with the packer's `clips >= 0`."""
 
@@ -95,6 +103,7 @@ class ElasticAST(nn.Module):
   max_time_patches: int = 64  # 1024 frames
   max_clips: int = 16
   pooling: str = "attention"
+  positions: str = "integer"  # integer: table row = in-clip position; fractional: any length spans the table
   scale_logits: bool = True  # False: upstream ElasticAST's unscaled attention logits (its released weights)
   dropout: float = 0.0
   attention_dropout: float = 0.0
@@ -102,26 +111,51 @@ class ElasticAST(nn.Module):
   head_layer_norm_eps: float = 1e-5
   attention: str = "auto"
   remat: str = "none"
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, patches: jax.Array, segment_ids: jax.Array, freq_positions: jax.Array,
-               time_positions: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+               time_positions: jax.Array, time_patches: jax.Array | None = None, *,
+               train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`time_patches` `[rows, max_clips]`: each clip's time patches (needed by fractional positions only)."""
     if self.pooling not in POOLING:
       raise ValueError(f"pooling {self.pooling!r} is not one of {POOLING}")
+    if self.positions not in POSITIONS:
+      raise ValueError(f"positions {self.positions!r} is not one of {POSITIONS}")
     tokens = dense(self.width, None, "embed", self.dtype, "patch_embed")(patches.astype(self.dtype))
     freq_table = self.param("pos_embed_freq", with_names(trunc_normal, None, "embed"),
                             (self.max_freq_patches, self.width))
     time_table = self.param("pos_embed_time", with_names(trunc_normal, None, "embed"),
                             (self.max_time_patches, self.width))
-    tokens = tokens + (freq_table[freq_positions] + time_table[time_positions]).astype(self.dtype)
+    if self.positions == "fractional":
+      if time_patches is None:
+        raise ValueError("fractional positions need each clip's time_patches")
+      extents = jnp.take_along_axis(time_patches, jnp.maximum(segment_ids - 1, 0), axis=1)
+      time_rows = fractional_rows(time_table, time_positions, extents)
+    else:
+      time_rows = time_table[time_positions]
+    tokens = tokens + (freq_table[freq_positions] + time_rows).astype(self.dtype)
     tokens = nn.Dropout(self.dropout)(tokens, deterministic=not train)
-    tokens = Encoder(self.depth, self.num_heads, self.mlp_ratio * self.width, self.dropout, self.attention_dropout,
-                     self.layer_norm_eps, self.scale_logits, attention=self.attention, remat=self.remat,
-                     dtype=self.dtype, name="encoder")(tokens, segment_mask(segment_ids), train=train)
+    encoder = Encoder(self.depth, self.num_heads, self.mlp_ratio * self.width, self.dropout, self.attention_dropout,
+                      self.layer_norm_eps, self.scale_logits, attention=self.attention, remat=self.remat,
+                      scan_layers=self.scan_layers, dtype=self.dtype, name="encoder")
+    # Each token attends to its own clip only: the blockwise kernel masks block by block from the segment ids.
+    tokens = encoder(tokens, segment_ids=segment_ids, train=train)
     if self.pooling == "attention":
       pooled = ClipAttentionPool(self.num_heads, self.max_clips, self.dtype, name="pool")(tokens, segment_ids)
     else:
       pooled = masked_mean(tokens, segment_ids, self.max_clips)
     logits = ClassifierHead(self.num_classes, self.head_layer_norm_eps, self.dtype, name="head")(pooled)
     return logits, {"embedding": pooled.astype(jnp.float32), "tokens": tokens}
+
+
+def elastic_kwargs(config: Any) -> dict[str, Any]:
+  """ElasticAST constructor kwargs from a config: the backbone from `config.model` (as AST), the tables' sizes
+  and the clip slots from `config.audio` and `config.packing`."""
+  kwargs = model_kwargs(config.model, ElasticAST)
+  patch = config.model.patch_size
+  kwargs.update(max_freq_patches=config.audio.num_mel_bins // patch,
+                max_time_patches=config.model.get("max_time_patches") or config.packing.max_frames // patch,
+                max_clips=config.packing.max_clips)
+  return kwargs

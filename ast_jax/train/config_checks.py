@@ -67,6 +67,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.augment.time_mask > config.audio.target_length:
     problems.append(f"augment.time_mask={config.augment.time_mask} exceeds audio.target_length")
   problems += _mesh_problems(config)
+  problems += _sweep_problems(config)
+  if config.model.get("name", "ast") not in ("ast", "elastic"):
+    problems.append(f"model.name={config.model.name!r} is not one of ('ast', 'elastic')")
+  elif config.model.name == "elastic":
+    problems += _packing_problems(config)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -86,4 +91,59 @@ def _mesh_problems(config: ml_collections.ConfigDict) -> list[str]:
     if not isinstance(name, str) or any(axis is not None and axis not in axes for axis in targets):
       problems.append(f"config.sharding_rules entry {tuple(rule)!r} must map a logical name to None or to mesh "
                       f"axes among {sorted(axes)}")
+  return problems
+
+
+def _sweep_problems(config: ml_collections.ConfigDict) -> list[str]:
+  sweep = config.get("eval_sweep")
+  if sweep is None:
+    return []
+  problems = [f"eval_sweep.lengths={tuple(sweep.lengths)!r}: every length must be a whole number of frames >= "
+              f"model.patch_size ({config.model.patch_size})"
+              for length in sweep.lengths if int(length) != length or length < config.model.patch_size][:1]
+  if any(not q >= 1.0 for q in sweep.resolutions):
+    problems.append(f"eval_sweep.resolutions={tuple(sweep.resolutions)!r}: each q must be >= 1 (frame shift "
+                    "audio.frame_shift * q)")
+  return problems
+
+
+def _packing_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """ElasticAST: the packing section and the options packed rows cannot take."""
+  if "packing" not in config:
+    return ["model.name='elastic' needs a packing section: build the config with configs.common.elastic(config)"]
+  packing, model, patch = config.packing, config.model, config.model.patch_size
+  problems = []
+  for field in ("rows", "row_tokens", "max_clips", "max_frames"):
+    if not packing[field] > 0:
+      problems.append(f"packing.{field}={packing[field]!r} must be positive")
+  for field, choices in (("packing.method", ("first_fit", "best_fit")), ("packing.crop", ("start", "random")),
+                         ("model.pooling", ("attention", "mean")), ("model.positions", ("integer", "fractional"))):
+    if _get(config, field) not in choices:
+      problems.append(f"{field}={_get(config, field)!r} is not one of {choices}")
+  if not 0.0 <= packing.drop_rate < 1.0:
+    problems.append(f"packing.drop_rate={packing.drop_rate!r} must lie in [0, 1)")
+  if not packing.resolutions or any(not q >= 1.0 for q in packing.resolutions):
+    problems.append(f"packing.resolutions={tuple(packing.resolutions)!r} must be frame-shift multipliers q >= 1")
+  if packing.eval_rows < 0 or packing.min_crop_frames < 0:
+    problems.append("packing.eval_rows and packing.min_crop_frames must not be negative")
+  if packing.max_frames >= patch:
+    longest = (config.audio.num_mel_bins // patch) * (packing.max_frames // patch)
+    if longest > packing.row_tokens:
+      problems.append(f"packing.row_tokens={packing.row_tokens} cannot hold the longest clip ({longest} tokens at "
+                      f"packing.max_frames={packing.max_frames}): raise row_tokens or lower max_frames")
+  else:
+    problems.append(f"packing.max_frames={packing.max_frames} is shorter than one {patch}-frame patch")
+  if model.positions == "integer":
+    table = model.max_time_patches or packing.max_frames // patch
+    longest = max([packing.max_frames, *config.eval_sweep.lengths]) // patch
+    if longest > table:
+      problems.append(f"model.max_time_patches={table} rows cannot index {longest} time patches (packing.max_frames "
+                      "or an eval_sweep length): raise max_time_patches or use model.positions='fractional'")
+  if model.fstride != patch or model.tstride != patch:
+    problems.append(f"model.fstride/tstride={model.fstride}/{model.tstride}: ElasticAST's patches do not overlap; "
+                    f"set both to model.patch_size={patch}")
+  if config.augment.mixup > 0 or config.augment.roll > 0:
+    problems.append("augment.mixup and augment.roll must be 0 for packed clips of their own length")
+  if config.train.grad_accum_steps != 1:
+    problems.append("train.grad_accum_steps must be 1 with packing: raise packing.rows for a larger batch")
   return problems

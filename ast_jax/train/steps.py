@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ast_jax.audio import model_input
+from ast_jax.audio import FrontEnd, model_input, slot_input
+from ast_jax.audio.fbank import num_frames
 from ast_jax.models.elastic import gather_packed, patchify
 from ast_jax.train.losses import classification_loss, scores_from_logits
 from ast_jax.train.state import TrainState
@@ -90,14 +91,22 @@ def make_eval_step(model: nn.Module, config: Any) -> Callable[[Any, Batch], dict
 
 def packed_patches(batch: Batch, audio: dict[str, Any], patch: int, augment: dict[str, Any] | None = None,
                    rng: jax.Array | None = None) -> jax.Array:
-  """ElasticAST's input on the device: each waveform slot's front end (SpecAugment when `augment`), its
-  non-overlapping patches, gathered into the packed rows `[rows, row_tokens, patch * patch]`."""
+  """ElasticAST's input on the device: each waveform slot's front end at its own frame shift (SpecAugment when
+  `augment`, the time mask scaled by 1/q), its non-overlapping patches on a common grid (the slot's frames at the
+  base frame shift, at least one patch; coarser resolutions fill a prefix of it), gathered into the packed rows
+  `[rows, row_tokens, patch * patch]`."""
   rows, clips, samples = batch["waveform"].shape
-  features = model_input(batch["waveform"].reshape(rows * clips, samples), batch["num_samples"].reshape(-1), audio,
-                         augment=augment, rng=rng)
-  frames, mel_bins = features.shape[1:]
+  frames = max(patch, num_frames(samples, FrontEnd.from_config(audio).fbank_options()))
+  features = slot_input(batch["waveform"].reshape(rows * clips, samples), batch["num_samples"].reshape(-1),
+                        batch["window_shift"].reshape(-1), audio, frames,
+                        time_scale=1.0 / batch["resolution"].reshape(-1), augment=augment, rng=rng)
+  mel_bins = features.shape[-1]
   slots = patchify(features, patch).reshape(rows, clips, mel_bins // patch, frames // patch, patch * patch)
   return gather_packed(slots, batch["segment_ids"], batch["freq_positions"], batch["time_positions"])
+
+
+def _packed_model_inputs(batch: Batch) -> tuple[jax.Array, ...]:
+  return batch["segment_ids"], batch["freq_positions"], batch["time_positions"], batch["time_patches"]
 
 
 def make_packed_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, config: Any,
@@ -109,7 +118,7 @@ def make_packed_train_step(model: nn.Module, tx: optax.GradientTransformation, s
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(base_rng, state.step))
     patches = packed_patches(batch, audio, patch, augment, augment_rng)
-    positions = (batch["segment_ids"], batch["freq_positions"], batch["time_positions"])
+    positions = _packed_model_inputs(batch)
 
     def loss_fn(params):
       logits, _ = model.apply({"params": params}, patches, *positions, train=True, rngs={"dropout": dropout_rng})
@@ -136,8 +145,7 @@ def make_packed_eval_step(model: nn.Module, config: Any) -> Callable[[Any, Batch
 
   def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
     patches = packed_patches(batch, audio, patch)
-    logits, intermediates = model.apply({"params": params}, patches, batch["segment_ids"], batch["freq_positions"],
-                                        batch["time_positions"], train=False)
+    logits, intermediates = model.apply({"params": params}, patches, *_packed_model_inputs(batch), train=False)
     classes, mask = logits.shape[-1], batch["clip_mask"].reshape(-1)
     loss = classification_loss(logits.reshape(-1, classes), batch["label"].reshape(-1, classes), mask, loss_kind)
     return {"scores": scores_from_logits(logits, loss_kind), "loss_sum": loss * jnp.sum(mask),

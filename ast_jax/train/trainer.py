@@ -16,17 +16,20 @@ from jax.experimental import multihost_utils
 from ast_jax import data as data_lib
 from ast_jax.convert import model_dir
 from ast_jax.convert.init import initial_params
-from ast_jax.models import build_model
+from ast_jax.data.inputs import build_input, is_packed
+from ast_jax.models import build_model, example_inputs
 from ast_jax.bench.flops import config_flops, peak_flops_per_device
 from ast_jax.models.layers import to_layout, unscan_layers
 from ast_jax.parallel import (batch_sharding, create_sharded, data_parallel_size, global_batch, logical_rules,
                               make_mesh, put_host_tree, replicated, sharded_jit, to_host)
+from ast_jax.parallel.sharding import partitioning, shardings_of
 from ast_jax.train import state as state_lib
 from ast_jax.train.checkpoint import Checkpointer
 from ast_jax.train.config_checks import ConfigError, validate_config
 from ast_jax.train.metrics import classification_metrics
 from ast_jax.train.optim import make_optimizer, make_schedule
-from ast_jax.train.steps import make_eval_step, make_train_step
+from ast_jax.train.steps import make_eval_step, make_packed_eval_step, make_packed_train_step, make_train_step
+from ast_jax.train.sweep import run_sweep
 from ast_jax.train.writers import MetricsWriter, Progress
 
 log = logging.getLogger(__name__)
@@ -43,14 +46,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rules = logical_rules(config.sharding_rules)
   check_batch_divides(config, mesh)
 
-  # Input: each process reads its block of every global batch.
+  # Input: each process reads its block of every global batch (fixed-length clips, or packed rows of clips).
   sources = data_lib.build_sources(config)
-  steps_per_epoch = data_lib.steps_per_epoch(config, sources)
+  inputs = build_input(config, sources)
+  steps_per_epoch = inputs.steps_per_epoch
   schedule_steps = config.train.epochs * steps_per_epoch
   # max_steps stops early (benchmarks, tests, a staged run); the schedule is always the full run's.
   total_steps = min(schedule_steps, config.train.max_steps) if config.train.max_steps else schedule_steps
   host = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-  train_iter = data_lib.train_iterator(config, sources, seed=config.seed, **host)
+  train_iter = inputs.train_iterator(config.seed, **host)
 
   # Model, optimiser and state, created directly in their shards.
   model = build_model(config)
@@ -61,17 +65,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state, state_shardings = initial_state(config, model, tx, mesh, rules, init_rng)
   flops = config_flops(config)
   peak = peak_flops_per_device(jax.devices()[0], config.model.dtype, config.train.peak_flops)
-  log.info("model %s: %.2f M parameters, %d tokens, %.1f GFLOP per training example; mesh %s; %d steps per "
+  log.info("model %s: %.2f M parameters, %d tokens, %.1f GFLOP per training %s; mesh %s; %d steps per "
            "epoch, %d steps", config.model.name, sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
-           flops["tokens"], flops["train_flops"] / 1e9, dict(mesh.shape), steps_per_epoch, total_steps)
+           flops["tokens"], flops["train_flops"] / 1e9, "row" if inputs.packed else "example", dict(mesh.shape),
+           steps_per_epoch, total_steps)
 
   # Steps, jitted once, traced under the mesh and the logical axis rules.
   data_sharding = batch_sharding(mesh)
-  train_step = sharded_jit(make_train_step(model, tx, schedule, config, train_rng), mesh, rules,
+  make_train, make_eval = ((make_packed_train_step, make_packed_eval_step) if inputs.packed
+                           else (make_train_step, make_eval_step))
+  train_step = sharded_jit(make_train(model, tx, schedule, config, train_rng), mesh, rules,
                            in_shardings=(state_shardings, data_sharding),
                            out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
-  eval_step = sharded_jit(make_eval_step(model, config), mesh, rules,
-                          in_shardings=(state_shardings.params, data_sharding))
+  eval_step = sharded_jit(make_eval(model, config), mesh, rules, in_shardings=(state_shardings.params, data_sharding))
 
   # Restore.
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
@@ -83,17 +89,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          enabled=jax.process_index() == 0)
   run_meta = {"config": config.to_json_best_effort(), "label_names": list(sources.label_names),
               "skipped_files": sources.skipped_files}
+  packing_stats = getattr(inputs, "efficiency", {})
 
   def evaluate(params: Any, step: int, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
-    eval_batches = data_lib.eval_iterator(config, sources, **host)
-    record = {"epoch": epoch, "step": step, **evaluate_params(eval_step, params, eval_batches, mesh), **extra,
-              "skipped_files": sources.skipped_files}
+    record = {"epoch": epoch, "step": step, **evaluate_params(eval_step, params, inputs.eval_batches(**host), mesh),
+              **extra, **packing_stats, "skipped_files": sources.skipped_files}
     writer.write_record(record)
     log.info("eval epoch %d step %d: %s", epoch, step, _summary(record))
     return record
 
   record: dict[str, Any] = writer.last_record() or {}
-  epoch_stats = {key: record[key] for key in ("train_loss", "lr", "examples_per_sec", "tokens_per_sec", "mfu")
+  epoch_stats = {key: record[key] for key in ("train_loss", "lr", "examples_per_sec", "tokens_per_sec", "mfu",
+                                                "train_packing_efficiency")
                  if key in record}
   if start_step >= total_steps and record and (first_avg == 0 or record.get("weights") == "averaged"):
     log.info("the run in %s is complete (step %d); nothing to do", workdir, start_step)
@@ -102,7 +109,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Loop.
   progress = Progress(total_steps, start_step, config.train.log_every_steps, config.train.progress_bar)
   epoch_start_time, epoch_start_step, last_loss = time.perf_counter(), start_step, None
-  throughput = Throughput(config.data.batch_size, flops, peak, jax.device_count())
+  logged_efficiency: list[float] = []  # packed batches' measured share of real tokens, at the logged steps
+  throughput = Throughput(inputs.examples_per_step, flops["tokens_per_step"], flops["train_flops_per_step"], peak,
+                          jax.device_count())
   for step in range(start_step, total_steps):
     state, metrics = train_step(state, global_batch(mesh, next(train_iter)))
     done, epoch = step + 1, step // steps_per_epoch + 1
@@ -110,9 +119,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       last_loss = float(metrics["loss"])  # waits for the step, so the interval's rate is measured
       if not np.isfinite(last_loss):
         raise FloatingPointError(f"training loss is {last_loss} at step {done}; the last checkpoint is intact")
-      writer.write_scalars(done, {"train/loss": last_loss, "train/lr": float(metrics["lr"]),
-                                  "train/grad_norm": float(metrics["grad_norm"]), **throughput.interval(done)})
-    rate = (done - epoch_start_step) * config.data.batch_size / max(time.perf_counter() - epoch_start_time, 1e-9)
+      scalars = {"train/loss": last_loss, "train/lr": float(metrics["lr"]),
+                 "train/grad_norm": float(metrics["grad_norm"]), **throughput.interval(done)}
+      if "packing_efficiency" in metrics:
+        scalars["train/packing_efficiency"] = float(metrics["packing_efficiency"])
+        logged_efficiency.append(scalars["train/packing_efficiency"])
+      writer.write_scalars(done, scalars)
+    rate = (done - epoch_start_step) * inputs.examples_per_step / max(time.perf_counter() - epoch_start_time, 1e-9)
     progress.update(done, epoch, last_loss, rate)
     if done % steps_per_epoch == 0 or done == total_steps:  # an epoch's end, or the last (max_steps) step
       jax.block_until_ready(state)
@@ -123,6 +136,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = state_lib.reset_epoch_loss(state)
       epoch_stats = {"train_loss": train_loss, "lr": float(metrics["lr"]),
                      **throughput.summary(done - epoch_start_step, epoch_seconds)}
+      if logged_efficiency:
+        epoch_stats["train_packing_efficiency"] = float(np.mean(logged_efficiency))
+        logged_efficiency = []
       if epoch % config.train.eval_every_epochs == 0 or done == total_steps:
         record = evaluate(state.params, done, epoch, epoch_stats)
       checkpointer.save(done, state, train_iter, {**run_meta, "epoch": epoch})
@@ -139,6 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   else state.params)  # on every process: gathering shards is a collective
   if jax.process_index() == 0:
     export_model(os.path.join(workdir, "model"), final, config, sources.label_names)
+  if config.eval_sweep.lengths or config.eval_sweep.resolutions:
+    run_sweep(config, final, inputs, mesh, rules, state_shardings.params, workdir, **host)
   checkpointer.wait()
   checkpointer.close()
   writer.close()
@@ -162,11 +180,11 @@ def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, mesh: 
                   ) -> tuple[state_lib.TrainState, Any]:
   """The train state created directly in its shards (random init, then `config.init_from` when set).
   Returns (state, its shardings)."""
-  example = jnp.zeros((1, config.audio.target_length, config.audio.num_mel_bins), jnp.float32)
+  example = example_inputs(config)
   average = config.train.average_weights[0] > 0
 
   def init(rng: jax.Array) -> state_lib.TrainState:
-    return state_lib.create_train_state(model.init(rng, example)["params"], tx, average)
+    return state_lib.create_train_state(model.init(rng, *example)["params"], tx, average)
 
   state, shardings = create_sharded(init, mesh, rules, rng)
   if config.init_from:
@@ -178,13 +196,25 @@ def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, mesh: 
   return state, shardings
 
 
+def param_shardings(config: ml_collections.ConfigDict, mesh: Any, rules: Any) -> Any:
+  """The shardings the config's parameters get on `mesh` (nothing is allocated)."""
+  model = build_model(config)
+  with partitioning(mesh, rules):
+    abstract = jax.eval_shape(lambda rng: model.init(rng, *example_inputs(config))["params"], jax.random.key(0))
+    return shardings_of(abstract, mesh, rules)
+
+
 def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any) -> None:
   """The global batch must split evenly over the data-parallel devices, the processes and the micro-batches."""
   dp, accum = data_parallel_size(mesh), config.train.grad_accum_steps
-  for name, size in (("batch_size", config.data.batch_size),
-                     ("eval_batch_size", config.data.eval_batch_size or config.data.batch_size)):
+  if is_packed(config):
+    sizes = (("packing.rows", config.packing.rows), ("packing.eval_rows", config.packing.eval_rows or config.packing.rows))
+  else:
+    sizes = (("data.batch_size", config.data.batch_size),
+             ("data.eval_batch_size", config.data.eval_batch_size or config.data.batch_size))
+  for name, size in sizes:
     if size % dp or size % jax.process_count():
-      raise ConfigError(f"config.data.{name}={size} must divide over the {dp} data-parallel devices (mesh "
+      raise ConfigError(f"config.{name}={size} must divide over the {dp} data-parallel devices (mesh "
                         f"{dict(mesh.shape)}) and {jax.process_count()} processes")
   if config.data.batch_size % (accum * dp):
     raise ConfigError(f"config.data.batch_size={config.data.batch_size} must divide into grad_accum_steps={accum} "
@@ -192,17 +222,19 @@ def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any) -> None:
 
 
 class Throughput:
-  """examples/s, tokens/s and MFU (model FLOPs from the analytic count / the devices' peak) over an interval."""
+  """examples/s, tokens/s and MFU (model FLOPs from the analytic count / the devices' peak) over an interval.
+  Per step: `examples` (clips; for packed batches the epoch's mean), `tokens` and the train-step FLOPs."""
 
-  def __init__(self, batch_size: int, flops: dict[str, float], peak: float | None, num_devices: int):
-    self.batch_size, self.flops, self.peak, self.num_devices = batch_size, flops, peak, num_devices
+  def __init__(self, examples: float, tokens: float, train_flops: float, peak: float | None, num_devices: int):
+    self.examples, self.tokens, self.train_flops = examples, tokens, train_flops
+    self.peak, self.num_devices = peak, num_devices
     self.last_step, self.last_time = None, time.perf_counter()
 
   def summary(self, steps: int, seconds: float) -> dict[str, float]:
-    examples = steps * self.batch_size / max(seconds, 1e-9)
-    stats = {"examples_per_sec": examples, "tokens_per_sec": examples * self.flops["tokens"]}
+    per_second = steps / max(seconds, 1e-9)
+    stats = {"examples_per_sec": per_second * self.examples, "tokens_per_sec": per_second * self.tokens}
     if self.peak:
-      stats["mfu"] = examples * self.flops["train_flops"] / (self.peak * self.num_devices)
+      stats["mfu"] = per_second * self.train_flops / (self.peak * self.num_devices)
     return stats
 
   def interval(self, step: int) -> dict[str, float]:
@@ -221,11 +253,14 @@ def evaluate_params(eval_step: Any, params: Any, batches: Iterable[dict[str, np.
     batch = global_batch(mesh, host_batch)
     outputs = eval_step(params, batch)
     # Every process gathers the whole batch, so multi-host runs compute metrics over the full evaluation set.
+    # Packed batches hold [rows, clips] outputs with a clip mask; both kinds flatten to [examples, classes].
+    mask = batch["mask"] if "mask" in batch else batch["clip_mask"]
     gathered = multihost_utils.process_allgather(
-        {"scores": outputs["scores"], "label": batch["label"], "mask": batch["mask"]}, tiled=True)
-    real = np.asarray(gathered["mask"]) > 0
-    scores.append(np.asarray(gathered["scores"])[real])
-    labels.append(np.asarray(gathered["label"])[real])
+        {"scores": outputs["scores"], "label": batch["label"], "mask": mask}, tiled=True)
+    real = np.asarray(gathered["mask"]).reshape(-1) > 0
+    classes = gathered["scores"].shape[-1]
+    scores.append(np.asarray(gathered["scores"]).reshape(-1, classes)[real])
+    labels.append(np.asarray(gathered["label"]).reshape(-1, classes)[real])
     loss_sum += float(outputs["loss_sum"])
     count += float(real.sum())
   if count == 0:
