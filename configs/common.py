@@ -158,7 +158,9 @@ def elastic(config: ml_collections.ConfigDict, **packing) -> ml_collections.Conf
   """Turns a recipe into ElasticAST (REFERENCE.md 2): the same ViT backbone on clips of their own length packed
   into rows of `row_tokens` tokens, non-overlapping patches with factorised frequency/time positions, attention
   masked to each clip, and one pooled output per clip. `packing` overrides the packing fields below."""
-  config.model.update(name="elastic", fstride=config.model.patch_size, tstride=config.model.patch_size)
+  config.model.update(name="elastic", fstride=config.model.patch_size,
+                      tstride=config.model.get("patch_time") or config.model.patch_size)
+  config.model.patch_time = config.model.get("patch_time", 0)  # > 0: rectangular patches, this many frames
   config.model.pooling = "attention"  # attention: a learned query per clip; mean: masked mean of its tokens
   config.model.positions = "integer"  # integer: in-clip patch index; fractional: any length spans the table
   config.model.scale_logits = True  # False: upstream's unscaled attention logits (for its released weights)

@@ -85,6 +85,20 @@ def test_device_gather_matches_host_layout_and_patchify_is_frequency_major():
   np.testing.assert_array_equal(device, gather_patches(per_clip, layout))
 
 
+def test_rectangular_patches_and_their_grid():
+  from ast_jax.data.packed import PackingSpec
+  from ast_jax.models.elastic import patchify
+
+  spectrogram = np.random.default_rng(2).normal(size=(70, 64)).astype(np.float32)  # [frames, mel]
+  patches = np.asarray(patchify(spectrogram, (8, 16)))  # 8 mel bins x 16 frames
+  assert patches.shape == (8 * 4, 128)  # 64 // 8 x 70 // 16, frequency-major
+  np.testing.assert_array_equal(patches[5 * 4 + 2].reshape(8, 16), spectrogram[32:48, 40:48].T)
+  spec = PackingSpec(mel_bins=64, patch=8, patch_time=16, max_frames=240)
+  assert spec.patch_shape == (8, 16) and spec.max_time_patches == 15
+  assert spec.grid(16000) == (8, 6)  # 1 s at 16 kHz: 98 frames -> 6 time patches
+  assert spec.grid(16000, 2.0) == (8, 3)  # framed at 20 ms: 49 frames
+
+
 def test_fractional_positions_map_any_length_onto_the_table():
   from ast_jax.models.elastic import fractional_rows
 

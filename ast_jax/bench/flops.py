@@ -43,12 +43,14 @@ _TF32_PRECISIONS = _DEFAULT_PRECISIONS + ("tensorfloat32",)
 _FULL_FP32_PRECISIONS = ("highest", "float32")
 
 
-def forward_flops_breakdown(*, width: int, depth: int, mlp_dim: int, num_tokens: int, patch_size: int,
+def forward_flops_breakdown(*, width: int, depth: int, mlp_dim: int, num_tokens: int, patch_size: int | tuple[int, int],
                             num_patches: int, num_classes: int) -> dict[str, float]:
-  """Forward FLOPs per example, by part: patch_embed, qkv, attention (scores + mix), proj, mlp, head."""
+  """Forward FLOPs per example, by part: patch_embed, qkv, attention (scores + mix), proj, mlp, head.
+  `patch_size`: one size (square), or (frequency, time) sizes."""
   tokens, width = float(num_tokens), float(width)
+  patch_freq, patch_time = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
   return {
-      "patch_embed": num_patches * patch_size**2 * width * 2,
+      "patch_embed": num_patches * patch_freq * patch_time * width * 2,
       "qkv": depth * 2 * tokens * width * 3 * width,
       "attention": depth * 2 * (2 * tokens * tokens * width),
       "proj": depth * 2 * tokens * width * width,
@@ -57,19 +59,15 @@ def forward_flops_breakdown(*, width: int, depth: int, mlp_dim: int, num_tokens:
   }
 
 
-def forward_flops(*, width: int, depth: int, mlp_dim: int, num_tokens: int, patch_size: int, num_patches: int,
-                  num_classes: int) -> float:
-  """Forward-pass FLOPs per example (see the module docstring for what is counted)."""
-  return sum(forward_flops_breakdown(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=num_tokens,
-                                     patch_size=patch_size, num_patches=num_patches,
-                                     num_classes=num_classes).values())
+def forward_flops(**shape: Any) -> float:
+  """Forward-pass FLOPs per example (see the module docstring for what is counted; arguments as
+  `forward_flops_breakdown`'s)."""
+  return sum(forward_flops_breakdown(**shape).values())
 
 
-def train_flops_per_example(*, width: int, depth: int, mlp_dim: int, num_tokens: int, patch_size: int,
-                            num_patches: int, num_classes: int) -> float:
+def train_flops_per_example(**shape: Any) -> float:
   """Train-step FLOPs per example: forward + backward (2x forward); remat is not counted."""
-  return 3 * forward_flops(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=num_tokens, patch_size=patch_size,
-                           num_patches=num_patches, num_classes=num_classes)
+  return 3 * forward_flops(**shape)
 
 
 def config_flops(config: Any) -> dict[str, float]:
@@ -87,10 +85,12 @@ def config_flops(config: Any) -> dict[str, float]:
   mlp_dim = kwargs.get("mlp_ratio", 4) * width
   patch_size = kwargs.get("patch_size", 16)
   if config.model.get("name", "ast") == "elastic":
-    freq, time = config.audio.num_mel_bins // patch_size, config.packing.max_frames // patch_size
-    tokens = num_patches = config.packing.row_tokens
+    patch_time = config.model.get("patch_time") or patch_size
+    freq, time = config.audio.num_mel_bins // patch_size, config.packing.max_frames // patch_time
+    tokens = config.packing.row_tokens
     batch = config.packing.rows
-    shape = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=tokens, patch_size=patch_size,
+    num_patches = tokens
+    shape = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=tokens, patch_size=(patch_size, patch_time),
                  num_patches=num_patches, num_classes=config.num_classes * config.packing.max_clips)
   else:
     freq, time = patch_grid(config.audio.num_mel_bins, config.audio.target_length, patch_size,

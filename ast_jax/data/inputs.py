@@ -33,6 +33,7 @@ def packing_spec(config: ml_collections.ConfigDict, *, train: bool = True, lengt
   resolutions = tuple(float(q) for q in packing.resolutions)
   return packed.PackingSpec(
       rows=rows, row_tokens=packing.row_tokens, max_clips=packing.max_clips, patch=config.model.patch_size,
+      patch_time=config.model.get("patch_time", 0),
       mel_bins=audio.num_mel_bins, max_frames=length or packing.max_frames, sample_rate=audio.sample_rate,
       frame_length=audio.frame_length, frame_shift=audio.frame_shift, method=packing.method,
       drop_rate=packing.drop_rate if train else 0.0,

@@ -47,7 +47,8 @@ class PackingSpec:
   rows: int = 4  # rows per global batch
   row_tokens: int = 2048
   max_clips: int = 64  # clips per row at most
-  patch: int = 16
+  patch: int = 16  # frequency (and time) size of a patch
+  patch_time: int = 0  # > 0: the time size, for rectangular patches
   mel_bins: int = 128
   max_frames: int = 1024  # longer clips are cut to this duration (frames at the base frame shift)
   sample_rate: int = 16000
@@ -64,15 +65,21 @@ class PackingSpec:
       raise ValueError(f"crop {self.crop!r} is not one of {CROPS}")
     if not self.resolutions or min(self.resolutions) < 1.0:
       raise ValueError(f"resolutions {self.resolutions} must be frame-shift multipliers q >= 1")
-    if self.max_frames < self.patch:
-      raise ValueError(f"max_frames {self.max_frames} is shorter than one {self.patch}-frame patch")
-    if self.mel_bins < self.patch:
-      raise ValueError(f"{self.mel_bins} mel bins are fewer than one {self.patch}-bin patch")
+    freq, time = self.patch_shape
+    if self.max_frames < time:
+      raise ValueError(f"max_frames {self.max_frames} is shorter than one {time}-frame patch")
+    if self.mel_bins < freq:
+      raise ValueError(f"{self.mel_bins} mel bins are fewer than one {freq}-bin patch")
     if not 0.0 <= self.drop_rate < 1.0:
       raise ValueError(f"drop_rate {self.drop_rate} is not in [0, 1)")
-    if self.mel_bins // self.patch > self.row_tokens:
-      raise ValueError(f"row_tokens {self.row_tokens} cannot hold one clip's {self.mel_bins // self.patch} "
+    if self.mel_bins // freq > self.row_tokens:
+      raise ValueError(f"row_tokens {self.row_tokens} cannot hold one clip's {self.mel_bins // freq} "
                        "frequency patches")
+
+  @property
+  def patch_shape(self) -> tuple[int, int]:
+    """(frequency, time) size of a patch."""
+    return self.patch, self.patch_time or self.patch
 
   def fbank_options(self, resolution: float = 1.0) -> FbankOptions:
     return FbankOptions(sample_rate=float(self.sample_rate), frame_length=self.frame_length,
@@ -91,12 +98,12 @@ class PackingSpec:
   @property
   def max_time_patches(self) -> int:
     """Time patches of the longest clip (at q = 1): the least time-table size for integer positions."""
-    return self.max_frames // self.patch
+    return self.max_frames // self.patch_shape[1]
 
   def grid(self, num_samples: int, resolution: float = 1.0) -> tuple[int, int]:
     """The (frequency, time) patch grid of a clip of `num_samples` samples (cut to `max_samples`) at q."""
     frames = num_frames(int(min(num_samples, self.max_samples)), self.fbank_options(resolution))
-    return patch_grid_of(frames, self.mel_bins, self.patch)
+    return patch_grid_of(frames, self.mel_bins, self.patch_shape)
 
   def frame_samples(self, frames: int) -> int:
     """Samples spanning `frames` frames at the base frame shift."""

@@ -1,7 +1,7 @@
 """Sequence packing for ElasticAST: clips of any length packed into rows of a fixed token budget.
 
-A clip of `frames` frames and `mel_bins` bins has a (frequency, time) grid of non-overlapping `patch` x `patch`
-patches; its tokens are packed whole into one row. Each token of a packed row carries
+A clip of `frames` frames and `mel_bins` bins has a (frequency, time) grid of non-overlapping patches (`patch` x
+`patch`, or a (frequency, time) shape); its tokens are packed whole into one row. Each token of a packed row carries
 - `segment_ids`: the clip's slot in the row, 1 ... max_clips (0 = padding), so attention can be masked to the clip;
 - `freq_positions`, `time_positions`: the patch's integer position inside its own clip (0-based);
 - `token_index`: which patch of the clip it is (frequency-major, `f * time + t`), for gathering the tokens from the
@@ -39,11 +39,18 @@ class PackedRows:
     return float(np.mean(self.segment_ids > 0))
 
 
-def patch_grid_of(frames: int, mel_bins: int, patch: int) -> tuple[int, int]:
+def patch_shape(patch: int | Sequence[int]) -> tuple[int, int]:
+  """(frequency, time) size of a patch given as one int (square) or a pair."""
+  freq, time = (patch, patch) if isinstance(patch, (int, np.integer)) else tuple(patch)
+  return int(freq), int(time)
+
+
+def patch_grid_of(frames: int, mel_bins: int, patch: int | Sequence[int]) -> tuple[int, int]:
   """(frequency, time) patches of a clip; a clip shorter than one patch is padded to one patch in time."""
-  if mel_bins < patch:
-    raise ValueError(f"{mel_bins} mel bins are fewer than one {patch}-bin patch")
-  return mel_bins // patch, max(1, frames // patch)
+  freq, time = patch_shape(patch)
+  if mel_bins < freq:
+    raise ValueError(f"{mel_bins} mel bins are fewer than one {freq}-bin patch")
+  return mel_bins // freq, max(1, frames // time)
 
 
 def kept_tokens(num_tokens: int, drop_rate: float) -> int:

@@ -30,14 +30,16 @@ def slot_mask(segment_ids: jax.Array, max_clips: int) -> jax.Array:
   return segment_ids[:, None, :] == slots[None, :, None]
 
 
-def patchify(spectrogram: jax.Array, patch: int) -> jax.Array:
-  """Non-overlapping patches, frequency-major: `[..., frames, mel_bins]` -> `[..., freq * time, patch * patch]`
-  (frames and mel bins beyond whole patches are dropped; each vector is a patch's [freq, time] values)."""
+def patchify(spectrogram: jax.Array, patch: int | tuple[int, int]) -> jax.Array:
+  """Non-overlapping patches (`patch` square, or (frequency, time) sizes), frequency-major: `[..., frames,
+  mel_bins]` -> `[..., freq * time, patch_freq * patch_time]` (frames and mel bins beyond whole patches are
+  dropped; each vector is a patch's [freq, time] values)."""
+  patch_freq, patch_time = (patch, patch) if isinstance(patch, int) else patch
   *lead, frames, mel_bins = spectrogram.shape
-  freq, time = mel_bins // patch, frames // patch
-  x = spectrogram[..., :time * patch, :freq * patch].reshape(*lead, time, patch, freq, patch)
+  freq, time = mel_bins // patch_freq, frames // patch_time
+  x = spectrogram[..., :time * patch_time, :freq * patch_freq].reshape(*lead, time, patch_time, freq, patch_freq)
   x = jnp.moveaxis(x, (-4, -3, -2, -1), (-3, -1, -4, -2))  # [..., freq, time, patch (mel), patch (frames)]
-  return x.reshape(*lead, freq * time, patch * patch)
+  return x.reshape(*lead, freq * time, patch_freq * patch_time)
 
 
 def gather_packed(slot_patches: jax.Array, segment_ids: jax.Array, freq_positions: jax.Array,
@@ -154,8 +156,8 @@ def elastic_kwargs(config: Any) -> dict[str, Any]:
   """ElasticAST constructor kwargs from a config: the backbone from `config.model` (as AST), the tables' sizes
   and the clip slots from `config.audio` and `config.packing`."""
   kwargs = model_kwargs(config.model, ElasticAST)
-  patch = config.model.patch_size
-  kwargs.update(max_freq_patches=config.audio.num_mel_bins // patch,
-                max_time_patches=config.model.get("max_time_patches") or config.packing.max_frames // patch,
+  patch_freq, patch_time = config.model.patch_size, config.model.get("patch_time") or config.model.patch_size
+  kwargs.update(max_freq_patches=config.audio.num_mel_bins // patch_freq,
+                max_time_patches=config.model.get("max_time_patches") or config.packing.max_frames // patch_time,
                 max_clips=config.packing.max_clips)
   return kwargs

@@ -111,7 +111,8 @@ def _packing_problems(config: ml_collections.ConfigDict) -> list[str]:
   """ElasticAST: the packing section and the options packed rows cannot take."""
   if "packing" not in config:
     return ["model.name='elastic' needs a packing section: build the config with configs.common.elastic(config)"]
-  packing, model, patch = config.packing, config.model, config.model.patch_size
+  packing, model = config.packing, config.model
+  patch, patch_time = model.patch_size, model.get("patch_time") or model.patch_size
   problems = []
   for field in ("rows", "row_tokens", "max_clips", "max_frames"):
     if not packing[field] > 0:
@@ -126,22 +127,22 @@ def _packing_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems.append(f"packing.resolutions={tuple(packing.resolutions)!r} must be frame-shift multipliers q >= 1")
   if packing.eval_rows < 0 or packing.min_crop_frames < 0:
     problems.append("packing.eval_rows and packing.min_crop_frames must not be negative")
-  if packing.max_frames >= patch:
-    longest = (config.audio.num_mel_bins // patch) * (packing.max_frames // patch)
+  if packing.max_frames >= patch_time:
+    longest = (config.audio.num_mel_bins // patch) * (packing.max_frames // patch_time)
     if longest > packing.row_tokens:
       problems.append(f"packing.row_tokens={packing.row_tokens} cannot hold the longest clip ({longest} tokens at "
                       f"packing.max_frames={packing.max_frames}): raise row_tokens or lower max_frames")
   else:
-    problems.append(f"packing.max_frames={packing.max_frames} is shorter than one {patch}-frame patch")
+    problems.append(f"packing.max_frames={packing.max_frames} is shorter than one {patch_time}-frame patch")
   if model.positions == "integer":
-    table = model.max_time_patches or packing.max_frames // patch
-    longest = max([packing.max_frames, *config.eval_sweep.lengths]) // patch
+    table = model.max_time_patches or packing.max_frames // patch_time
+    longest = max([packing.max_frames, *config.eval_sweep.lengths]) // patch_time
     if longest > table:
       problems.append(f"model.max_time_patches={table} rows cannot index {longest} time patches (packing.max_frames "
                       "or an eval_sweep length): raise max_time_patches or use model.positions='fractional'")
-  if model.fstride != patch or model.tstride != patch:
+  if model.fstride != patch or model.tstride != patch_time:
     problems.append(f"model.fstride/tstride={model.fstride}/{model.tstride}: ElasticAST's patches do not overlap; "
-                    f"set both to model.patch_size={patch}")
+                    f"set them to the patch's size {patch}/{patch_time}")
   if config.augment.mixup > 0 or config.augment.roll > 0:
     problems.append("augment.mixup and augment.roll must be 0 for packed clips of their own length")
   if config.train.grad_accum_steps != 1:

@@ -89,20 +89,27 @@ def make_eval_step(model: nn.Module, config: Any) -> Callable[[Any, Batch], dict
   return eval_step
 
 
-def packed_patches(batch: Batch, audio: dict[str, Any], patch: int, augment: dict[str, Any] | None = None,
-                   rng: jax.Array | None = None) -> jax.Array:
+def packed_patches(batch: Batch, audio: dict[str, Any], patch: int | tuple[int, int],
+                   augment: dict[str, Any] | None = None, rng: jax.Array | None = None) -> jax.Array:
   """ElasticAST's input on the device: each waveform slot's front end at its own frame shift (SpecAugment when
   `augment`, the time mask scaled by 1/q), its non-overlapping patches on a common grid (the slot's frames at the
   base frame shift, at least one patch; coarser resolutions fill a prefix of it), gathered into the packed rows
-  `[rows, row_tokens, patch * patch]`."""
+  `[rows, row_tokens, patch_freq * patch_time]` (`patch`: one size, or (frequency, time) sizes)."""
   rows, clips, samples = batch["waveform"].shape
-  frames = max(patch, num_frames(samples, FrontEnd.from_config(audio).fbank_options()))
+  patch_freq, patch_time = (patch, patch) if isinstance(patch, int) else patch
+  frames = max(patch_time, num_frames(samples, FrontEnd.from_config(audio).fbank_options()))
   features = slot_input(batch["waveform"].reshape(rows * clips, samples), batch["num_samples"].reshape(-1),
                         batch["window_shift"].reshape(-1), audio, frames,
                         time_scale=1.0 / batch["resolution"].reshape(-1), augment=augment, rng=rng)
   mel_bins = features.shape[-1]
-  slots = patchify(features, patch).reshape(rows, clips, mel_bins // patch, frames // patch, patch * patch)
+  slots = patchify(features, (patch_freq, patch_time)).reshape(rows, clips, mel_bins // patch_freq,
+                                                              frames // patch_time, patch_freq * patch_time)
   return gather_packed(slots, batch["segment_ids"], batch["freq_positions"], batch["time_positions"])
+
+
+def elastic_patch(config: Any) -> tuple[int, int]:
+  """ElasticAST's (frequency, time) patch size: `model.patch_size`, and `model.patch_time` when set."""
+  return config.model.patch_size, config.model.get("patch_time") or config.model.patch_size
 
 
 def _packed_model_inputs(batch: Batch) -> tuple[jax.Array, ...]:
@@ -113,7 +120,7 @@ def make_packed_train_step(model: nn.Module, tx: optax.GradientTransformation, s
                            base_rng: jax.Array) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """The ElasticAST step on packed batches (ast_jax/data/packed.py): the loss averages over real clips only."""
   audio, augment, loss_kind = config.audio.to_dict(), config.augment.to_dict(), config.train.loss
-  label_smoothing, patch = config.train.label_smoothing, config.model.patch_size
+  label_smoothing, patch = config.train.label_smoothing, elastic_patch(config)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(base_rng, state.step))
@@ -141,7 +148,7 @@ def make_packed_train_step(model: nn.Module, tx: optax.GradientTransformation, s
 def make_packed_eval_step(model: nn.Module, config: Any) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   """ElasticAST evaluation on packed batches: per-clip scores `[rows, max_clips, classes]`, the loss summed over
   real clips and the clip mask (scores of empty slots are to be dropped with it)."""
-  audio, loss_kind, patch = config.audio.to_dict(), config.train.loss, config.model.patch_size
+  audio, loss_kind, patch = config.audio.to_dict(), config.train.loss, elastic_patch(config)
 
   def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
     patches = packed_patches(batch, audio, patch)
