@@ -2,6 +2,9 @@
 
 Data: AST datafile JSONs for the training and evaluation sets (`--config.data.train_datafile=...`,
 `--config.data.eval_datafile=...`). `get_config('smoke')` is the same recipe with a tiny model, for tests.
+`get_config('elastic')` is ElasticAST (REFERENCE.md 2) on the same data: clips at their own length up to 1024
+frames, each at a resolution q from {1.0, 1.2, ..., 4.0}, packed into rows of 2048 tokens with 10 % token
+dropout; waveform mixup is off (clips of their own length are not mixed).
 """
 
 import ml_collections
@@ -21,6 +24,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.update(lr=1e-5, schedule="step", warmup_steps=1000, decay_start_epoch=2, decay_every=1,
                       decay_factor=0.5)
   config.train.update(epochs=5, loss="bce", main_metric="mAP", average_weights=(1, 5))
-  if arg == "smoke":
+  if arg in ("elastic", "elastic_smoke"):
+    common.elastic(config, rows=4, row_tokens=2048, max_clips=16, max_frames=1024, drop_rate=0.1,
+                   resolutions=tuple(round(1.0 + 0.2 * i, 1) for i in range(16)))
+    config.eval_sweep.update(lengths=(256, 512, 1024), resolutions=(1.0, 2.0, 3.0, 4.0))
+  elif arg not in (None, "", "smoke"):
+    raise ValueError(f"configs/audioset.py takes no argument, 'smoke', 'elastic' or 'elastic_smoke', not {arg!r}")
+  if arg in ("smoke", "elastic_smoke"):
     common.shrink_for_smoke_test(config)
   return config

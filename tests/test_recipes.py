@@ -59,6 +59,17 @@ def test_audioset_recipes_run_two_steps(tmp_path, recipe):
   assert record["weights"] == "averaged"
 
 
+def test_audioset_elastic_recipe_trains_and_sweeps(tmp_path):
+  config = audioset.get_config("elastic_smoke")
+  config.eval_sweep.update(lengths=(256,), resolutions=(4.0,))
+  train, evaluation = audioset_datafiles(tmp_path)
+  config.data.update(train_datafile=train, eval_datafile=evaluation)
+  record = train_and_evaluate(config, str(tmp_path / "work"))
+  assert record["num_examples"] == 3 and np.isfinite(record["loss"]) and record["weights"] == "averaged"
+  assert 0 < record["packing_efficiency"] <= 1 and record["examples_per_sec"] > 0
+  assert len((tmp_path / "work" / "sweep.csv").read_text().splitlines()) == 3  # header + 2 points
+
+
 def test_esc50_recipe_runs_two_steps(tmp_path):
   root = tmp_path / "ESC-50"
   rows = []
