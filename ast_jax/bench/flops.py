@@ -93,10 +93,11 @@ def config_flops(config: Any) -> dict[str, float]:
     shape = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=tokens, patch_size=(patch_size, patch_time),
                  num_patches=num_patches, num_classes=config.num_classes * config.packing.max_clips)
   else:
+    patch_time = kwargs.get("patch_time") or patch_size
     freq, time = patch_grid(config.audio.num_mel_bins, config.audio.target_length, patch_size,
-                            kwargs.get("fstride", 10), kwargs.get("tstride", 10))
+                            kwargs.get("fstride", 10), kwargs.get("tstride", 10), patch_time)
     tokens, num_patches, batch = freq * time + 2, freq * time, config.data.batch_size
-    shape = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=tokens, patch_size=patch_size,
+    shape = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=tokens, patch_size=(patch_size, patch_time),
                  num_patches=num_patches, num_classes=config.num_classes)
   train_flops = train_flops_per_example(**shape)
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, patch_size=patch_size, freq=freq, time=time,

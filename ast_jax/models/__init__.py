@@ -29,9 +29,9 @@ def example_inputs(config: Any) -> tuple[jax.Array, ...]:
   import jax.numpy as jnp
 
   if config.model.get("name", "ast") == "elastic":
-    tokens, patch = 8, config.model.patch_size
+    tokens, values = 8, config.model.patch_size * (config.model.get("patch_time") or config.model.patch_size)
     zeros = jnp.zeros((1, tokens), jnp.int32)
-    return (jnp.zeros((1, tokens, patch * patch), jnp.float32), jnp.ones((1, tokens), jnp.int32), zeros, zeros,
+    return (jnp.zeros((1, tokens, values), jnp.float32), jnp.ones((1, tokens), jnp.int32), zeros, zeros,
             jnp.ones((1, config.packing.max_clips), jnp.int32))
   return (jnp.zeros((1, config.audio.target_length, config.audio.num_mel_bins), jnp.float32),)
 

@@ -24,12 +24,15 @@ VARIANTS = {
 }
 
 
-def patch_grid(mel_bins: int, frames: int, patch_size: int, fstride: int, tstride: int) -> tuple[int, int]:
-  """The (frequency, time) patch grid of a spectrogram: ((F - p) // fs + 1, (T - p) // ts + 1)."""
-  if mel_bins < patch_size or frames < patch_size:
-    raise ValueError(f"spectrogram {mel_bins} mel bins x {frames} frames is smaller than one {patch_size}x{patch_size} "
+def patch_grid(mel_bins: int, frames: int, patch_size: int, fstride: int, tstride: int,
+               patch_time: int = 0) -> tuple[int, int]:
+  """The (frequency, time) patch grid of a spectrogram: ((F - p) // fs + 1, (T - pt) // ts + 1), where the patch
+  is p x pt (pt = `patch_time`, or p when 0)."""
+  patch_time = patch_time or patch_size
+  if mel_bins < patch_size or frames < patch_time:
+    raise ValueError(f"spectrogram {mel_bins} mel bins x {frames} frames is smaller than one {patch_size}x{patch_time} "
                      "patch")
-  return (mel_bins - patch_size) // fstride + 1, (frames - patch_size) // tstride + 1
+  return (mel_bins - patch_size) // fstride + 1, (frames - patch_time) // tstride + 1
 
 
 class PatchEmbed(nn.Module):
@@ -40,12 +43,14 @@ class PatchEmbed(nn.Module):
   fstride: int = 10
   tstride: int = 10
   dtype: Dtype = jnp.float32
+  patch_time: int = 0  # > 0: rectangular patches of patch_size bins x patch_time frames
 
   @nn.compact
   def __call__(self, spectrogram: jax.Array) -> jax.Array:
     """spectrogram `[batch, frames, mel_bins]` -> tokens `[batch, f * t, width]` (index = f_index * t + t_index)."""
     image = jnp.swapaxes(spectrogram, 1, 2)[..., None]
-    patches = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=(self.fstride, self.tstride),
+    patches = nn.Conv(self.width, (self.patch_size, self.patch_time or self.patch_size),
+                      strides=(self.fstride, self.tstride),
                       padding="VALID", dtype=self.dtype, name="proj",
                       kernel_init=with_names(nn.initializers.lecun_normal(), None, None, None, "embed"),
                       bias_init=with_names(nn.initializers.zeros_init(), "embed"))(image)
@@ -64,6 +69,7 @@ class AST(nn.Module):
   patch_size: int = 16
   fstride: int = 10
   tstride: int = 10
+  patch_time: int = 0  # > 0: rectangular patches of patch_size mel bins x patch_time frames
   dropout: float = 0.0
   attention_dropout: float = 0.0
   layer_norm_eps: float = 1e-6  # timm's, in the backbone
@@ -76,8 +82,8 @@ class AST(nn.Module):
   @nn.compact
   def __call__(self, spectrogram: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     batch, frames, mel_bins = spectrogram.shape
-    freq, time = patch_grid(mel_bins, frames, self.patch_size, self.fstride, self.tstride)
-    tokens = PatchEmbed(self.width, self.patch_size, self.fstride, self.tstride, self.dtype,
+    freq, time = patch_grid(mel_bins, frames, self.patch_size, self.fstride, self.tstride, self.patch_time)
+    tokens = PatchEmbed(self.width, self.patch_size, self.fstride, self.tstride, self.dtype, self.patch_time,
                         name="patch_embed")(spectrogram.astype(self.dtype))
     cls_token = self.param("cls_token", with_names(trunc_normal, None, None, "embed"), (1, 1, self.width))
     dist_token = self.param("dist_token", with_names(trunc_normal, None, None, "embed"), (1, 1, self.width))
@@ -134,8 +140,9 @@ def model_kwargs(model_config: Mapping[str, Any], module: type = AST) -> dict[st
   if attention not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"config.model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, not {attention!r}")
   fields = {f.name for f in dataclasses.fields(module)}
-  extra = {key: model_config[key] for key in ("mlp_ratio", "patch_size", "fstride", "tstride", "dropout",
-                                               "attention_dropout", "layer_norm_eps", "head_layer_norm_eps",
-                                               "scan_layers", "pooling", "positions", "scale_logits")
+  extra = {key: model_config[key] for key in ("mlp_ratio", "patch_size", "patch_time", "fstride", "tstride",
+                                               "dropout", "attention_dropout", "layer_norm_eps",
+                                               "head_layer_norm_eps", "scan_layers", "pooling", "positions",
+                                               "scale_logits")
            if key in model_config and key in fields}
   return dict(width=width, depth=depth, num_heads=num_heads, dtype=dtype, remat=remat, attention=attention, **extra)

@@ -90,7 +90,8 @@ def moved_params(params: Any, config: ml_collections.ConfigDict, point: ml_colle
   model = config.model
 
   def grid(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
-    return patch_grid(cfg.audio.num_mel_bins, cfg.audio.target_length, model.patch_size, model.fstride, model.tstride)
+    return patch_grid(cfg.audio.num_mel_bins, cfg.audio.target_length, model.patch_size, model.fstride, model.tstride,
+                      model.get("patch_time", 0))
 
   moved = dict(params)
   moved["pos_embed"] = adapt_pos_embed(np.asarray(params["pos_embed"]), grid(config), grid(point))
@@ -145,7 +146,7 @@ def plot_sweeps(runs: dict[str, Sequence[dict[str, Any]]], metric: str, path: st
   axes[1].set(xlabel="resolution q (frame shift x q)", title="time resolution")
   for axis in axes:
     axis.grid(alpha=0.3)
-  axes[0].legend()
+  (axes[0] if axes[0].lines else axes[1]).legend()
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   plt.close(figure)
