@@ -105,3 +105,24 @@ def test_sweep_compares_with_torch(tmp_path):
   assert float(row["torch_ms_per_step"]) > 0 and row["torch_device"] == "cpu"
   assert float(row["ratio_to_torch"]) == pytest.approx(rows[0]["ms_per_step"] / rows[0]["torch_ms_per_step"],
                                                         rel=1e-4)
+
+
+def test_packing_bench_pads_an_ast_with_the_same_patches_to_the_longest_clip():
+  from ast_jax.bench.packing import padded_ast_config
+  import jax
+  import jax.numpy as jnp
+
+  from ast_jax.models import build_model, init_params
+  from ast_jax.train.config_checks import validate_config
+  from configs import fsdd
+
+  elastic = fsdd.get_config("elastic")  # 8 x 16 patches
+  ast = padded_ast_config(elastic, 226, 32)
+  validate_config(ast)
+  assert ast.model.name == "ast" and (ast.model.fstride, ast.model.tstride) == (8, 16)
+  assert ast.audio.target_length == 240 and ast.data.batch_size == 32  # 226 frames, rounded up to whole patches
+  assert elastic.model.name == "elastic"  # the ElasticAST config is left as it was
+  model = build_model(ast)
+  params = init_params(model, jax.random.key(0), jnp.zeros((1, 240, 64)))
+  assert params["patch_embed"]["proj"]["kernel"].shape == (8, 16, 1, 192)  # 8 mel bins x 16 frames
+  assert params["pos_embed"].shape == (1, 2 + 8 * 15, 192)
