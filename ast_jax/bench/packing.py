@@ -7,8 +7,9 @@ Cases: the ElasticAST recipe as configured (its resolutions q), the same at q = 
 backbone and the same patches (non-overlapping, `model.patch_size`) with every clip padded to the longest clip of
 the training set, batch `--ast_batch`. Each case: `--batches` real batches are read first (input time is not
 timed), the step is compiled, `--warmup` steps run untimed, then the median of the timed steps is taken.
-clips/s = clips per step / step time (a packed step's clips vary: their mean over the batches is used); the
-tokens column counts real (non-padding) tokens per step.
+clips/s = clips per step / step time (a packed step's clips vary: their mean over the batches is used);
+tokens_per_step is the step's token capacity, real_tokens_per_step the tokens holding clip frames (not padding),
+token_efficiency their ratio.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def padded_ast_config(config: ml_collections.ConfigDict, longest_frames: int, ba
 
 def time_case(name: str, config: ml_collections.ConfigDict, sources: Any) -> dict[str, Any]:
   """Builds the trainer's state and step for `config` on one device and times it on real batches."""
+  from ast_jax.audio import FrontEnd
+  from ast_jax.audio.fbank import num_frames
   from ast_jax.bench.flops import config_flops
   from ast_jax.data.inputs import build_input
   from ast_jax.models import build_model
@@ -75,10 +78,14 @@ def time_case(name: str, config: ml_collections.ConfigDict, sources: Any) -> dic
   if inputs.packed:
     clips = [float(b["clip_mask"].sum()) for b in host_batches]
     tokens = [float((b["segment_ids"] > 0).sum()) for b in host_batches]
-  else:
-    per_clip = config_flops(config)["num_patches"]
+    capacity = config.packing.rows * config.packing.row_tokens
+  else:  # real tokens: the patches holding a clip's own frames (at least one per frequency row)
+    counts = config_flops(config)
+    options = FrontEnd.from_config(config.audio).fbank_options()
     clips = [float(b["mask"].sum()) for b in host_batches]
-    tokens = [c * per_clip for c in clips]
+    tokens = [float(sum(counts["freq"] * min(counts["time"], max(1, num_frames(int(n), options) // config.model.tstride))
+                        for n in b["num_samples"][b["mask"] > 0])) for b in host_batches]
+    capacity = counts["num_patches"] * config.data.batch_size
   batches = [global_batch(mesh, b) for b in host_batches]
   start = time.perf_counter()
   state, metrics = step(state, batches[0])
@@ -103,9 +110,8 @@ def time_case(name: str, config: ml_collections.ConfigDict, sources: Any) -> dic
              resolutions=" ".join(f"{q:g}" for q in config.packing.resolutions) if inputs.packed else "1",
              rows_or_batch=config.packing.rows if inputs.packed else config.data.batch_size,
              row_tokens=config.packing.row_tokens if inputs.packed else "",
-             clips_per_step=mean_clips, real_tokens_per_step=mean_tokens,
-             token_efficiency=(mean_tokens / (config.packing.rows * config.packing.row_tokens) if inputs.packed
-                               else None),
+             clips_per_step=mean_clips, tokens_per_step=capacity, real_tokens_per_step=mean_tokens,
+             token_efficiency=mean_tokens / capacity,
              compile_s=compile_s, ms_per_step=1e3 * seconds, clips_per_sec=mean_clips / seconds,
              device=jax.devices()[0].device_kind, warmup=_WARMUP.value, repeats=_REPEATS.value,
              date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), jax_version=jax.__version__)
