@@ -40,8 +40,9 @@ def sweep_workdir(config, workdir: str) -> list[dict]:
   from ast_jax.train.trainer import param_shardings
 
   validate_config(config)
-  if not (config.eval_sweep.lengths or config.eval_sweep.resolutions):
-    raise ConfigError("nothing to sweep: set config.eval_sweep.lengths and/or config.eval_sweep.resolutions")
+  if not (config.eval_sweep.lengths or config.eval_sweep.resolutions or config.get("eval_patch_sizes")):
+    raise ConfigError("nothing to sweep: set config.eval_sweep.lengths, config.eval_sweep.resolutions or "
+                      "config.eval_patch_sizes")
   mesh, rules = make_mesh(config.mesh), logical_rules(config.sharding_rules)
   inputs = build_input(config, data_lib.build_sources(config))
   bundle = load_model_dir(os.path.join(workdir, "model"))

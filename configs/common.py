@@ -91,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=False,  # nn.scan over the blocks: one compiled block, stacked [depth, ...] parameters
       layer_norm_eps=1e-6,  # backbone LayerNorms (timm); Hugging Face checkpoints use 1e-12 everywhere
       head_layer_norm_eps=1e-5,  # the classifier's LayerNorm (PyTorch's default upstream)
+      # FlexiAST (REFERENCE.md 3): train with a patch size drawn per step from this list (non-overlapping patches,
+      # strides = patch_size; the stored kernel is PI-resized to each size); empty: one patch size.
+      flexi_patch_sizes=(),
+      flexi_axes="both",  # both: square p x p patches; time: patch_size bins x p frames
   ))
   # Weights to start from instead of a random initialisation: 'imagenet:/path' (timm DeiT/ViT .pth/.npz/
   # .safetensors), 'original:/path.pth' (upstream AST), 'hf:/dir' (ASTForAudioClassification), 'ast_jax:/dir'.
@@ -135,6 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
   # at each length (frames at the base frame shift) and framed at each resolution q (frame shift 10 * q ms);
   # a table and a plot go to <workdir>/sweep.*. Empty: no sweep.
   config.eval_sweep = ml_collections.ConfigDict(dict(lengths=(), resolutions=()))
+  # An AST with non-overlapping patches evaluated at each of these patch sizes (FlexiAST; models/flexi.py), into
+  # the same sweep table and plot, e.g. --config.eval_patch_sizes=8,10,12,16,20,24,32.
+  config.eval_patch_sizes = ()
 
   # Parallelism is configuration: a mesh of named axes (-1: every remaining device) and a table mapping the
   # logical axis names carried by parameters and activations to mesh axes (ast_jax/parallel/sharding.py).

@@ -3,6 +3,8 @@
 `--config=configs/fsdd.py` uses the upstream split (takes 0-4 of every speaker and digit are the test set);
 `--config=configs/fsdd.py:speaker` holds out one speaker (`--config.data.held_out=`, default theo).
 `--config=configs/fsdd.py:elastic` trains ElasticAST on the clips' native lengths instead (see below).
+`--config=configs/fsdd.py:flexi` trains FlexiAST: non-overlapping patches of a size drawn per step from
+{8, 10, 12, 16, 20, 24, 32}; `:patch8` and `:patch16` are fixed-patch ASTs with the same patches at one size.
 The data folder defaults to ../shared/data/fsdd beside the repository (`--config.data.path=` to change it).
 
 Recipe for learning a transformer from scratch on 2,700 short clips on a 2-core CPU:
@@ -37,8 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      split="takes", batch_size=32, eval_batch_size=100, cache_audio=True, scan="decode")
   if arg == "speaker":
     config.data.update(split="speaker", held_out="theo")
-  elif arg not in (None, "", "smoke", "elastic", "elastic_smoke"):
-    raise ValueError(f"configs/fsdd.py takes no argument, 'speaker', 'elastic' or 'smoke', not {arg!r}")
+  elif arg not in (None, "", "smoke", "elastic", "elastic_smoke", "flexi", "patch8", "patch16"):
+    raise ValueError(f"configs/fsdd.py takes no argument, 'speaker', 'elastic', 'flexi', 'patch8', 'patch16' or "
+                     f"'smoke', not {arg!r}")
   config.audio.update(num_mel_bins=64, low_freq=20.0, high_freq=4000.0, target_length=100,
                       mean=FSDD_STATS[0], std=FSDD_STATS[1])
   config.augment.update(mixup=0.0, freq_mask=12, time_mask=20, roll=10)
@@ -54,6 +57,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.positions = "fractional"  # measured better than integer positions at every length and q
     # 90 epochs of ~9 real tokens per clip: 43 TFLOP of training, 39 % of the AST recipe's 110 (bench/flops.py).
     config.train.update(epochs=90)
+  if arg in ("flexi", "patch8", "patch16"):
+    # Non-overlapping patches, the 16x16 kernel stored (PI-resized to other sizes); every model swept over sizes.
+    size = {"flexi": 16, "patch8": 8, "patch16": 16}[arg]
+    config.model.update(patch_size=size, fstride=size, tstride=size)
+    if arg == "flexi":
+      config.model.flexi_patch_sizes = (8, 10, 12, 16, 20, 24, 32)
+    config.eval_sweep.update(lengths=(), resolutions=())
+    config.eval_patch_sizes = (8, 10, 12, 16, 20, 24, 32)
   if arg in ("smoke", "elastic_smoke"):
     common.shrink_for_smoke_test(config)
   return config

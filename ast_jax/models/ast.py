@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ast_jax.models.flexi import patch_grid_flexi, resize_patch_kernel, resize_pos_grid
 from ast_jax.models.vit import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, Dtype, Encoder, dense, layer_norm,
                                 trunc_normal, with_names)
 
@@ -35,8 +36,32 @@ def patch_grid(mel_bins: int, frames: int, patch_size: int, fstride: int, tstrid
   return (mel_bins - patch_size) // fstride + 1, (frames - patch_time) // tstride + 1
 
 
+class PatchProjection(nn.Module):
+  """The patch conv (`kernel` `[patch_freq, patch_time, 1, width]`, `bias`), as `nn.Conv` computes it; at another
+  patch shape its kernel is PI-resized (FlexiAST, `models/flexi.py`) and the stride is that shape."""
+
+  width: int
+  shape: tuple[int, int]
+  strides: tuple[int, int]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, image: jax.Array, patch: tuple[int, int] | None = None) -> jax.Array:
+    kernel = self.param("kernel", with_names(nn.initializers.lecun_normal(), None, None, None, "embed"),
+                        (*self.shape, image.shape[-1], self.width))
+    bias = self.param("bias", with_names(nn.initializers.zeros_init(), "embed"), (self.width,))
+    strides = self.strides
+    if patch is not None and tuple(patch) != tuple(self.shape):
+      kernel, strides = resize_patch_kernel(kernel, tuple(patch)), tuple(patch)
+    image, kernel, bias = nn.dtypes.promote_dtype(image, kernel, bias, dtype=self.dtype)
+    out = jax.lax.conv_general_dilated(image, kernel, strides, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return out + bias
+
+
 class PatchEmbed(nn.Module):
-  """Overlapping conv patches on the [batch, mel_bins (height), frames (width), 1] image; frequency-major tokens."""
+  """Conv patches (overlapping when the strides are smaller than the patch) on the [batch, mel_bins (height),
+  frames (width), 1] image; frequency-major tokens. `patch` (frequency, time) runs non-overlapping patches of that
+  shape with the PI-resized kernel instead."""
 
   width: int
   patch_size: int = 16
@@ -46,14 +71,11 @@ class PatchEmbed(nn.Module):
   patch_time: int = 0  # > 0: rectangular patches of patch_size bins x patch_time frames
 
   @nn.compact
-  def __call__(self, spectrogram: jax.Array) -> jax.Array:
+  def __call__(self, spectrogram: jax.Array, patch: tuple[int, int] | None = None) -> jax.Array:
     """spectrogram `[batch, frames, mel_bins]` -> tokens `[batch, f * t, width]` (index = f_index * t + t_index)."""
     image = jnp.swapaxes(spectrogram, 1, 2)[..., None]
-    patches = nn.Conv(self.width, (self.patch_size, self.patch_time or self.patch_size),
-                      strides=(self.fstride, self.tstride),
-                      padding="VALID", dtype=self.dtype, name="proj",
-                      kernel_init=with_names(nn.initializers.lecun_normal(), None, None, None, "embed"),
-                      bias_init=with_names(nn.initializers.zeros_init(), "embed"))(image)
+    patches = PatchProjection(self.width, (self.patch_size, self.patch_time or self.patch_size),
+                              (self.fstride, self.tstride), self.dtype, name="proj")(image, patch)
     batch, freq, time, width = patches.shape
     return patches.reshape(batch, freq * time, width)
 
@@ -80,17 +102,34 @@ class AST(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, spectrogram: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, spectrogram: jax.Array, *, train: bool = False, patch: tuple[int, int] | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`patch` (frequency, time), static: run at another patch shape (FlexiAST): non-overlapping patches of that
+    shape, the patch kernel PI-resized to it and the positional grid resized (bilinear, antialias) to its grid.
+    Needs a model with non-overlapping patches (strides = patch size)."""
     batch, frames, mel_bins = spectrogram.shape
+    own = (self.patch_size, self.patch_time or self.patch_size)
+    patch = None if patch is None or tuple(patch) == own else tuple(int(size) for size in patch)
     freq, time = patch_grid(mel_bins, frames, self.patch_size, self.fstride, self.tstride, self.patch_time)
+    if patch is not None:
+      if (self.fstride, self.tstride) != own:
+        raise ValueError(f"running at patch {patch} needs non-overlapping patches (strides {self.fstride}, "
+                         f"{self.tstride} = patch {own})")
+      base_grid = (freq, time)
+      freq, time = patch_grid_flexi(mel_bins, frames, patch)
     tokens = PatchEmbed(self.width, self.patch_size, self.fstride, self.tstride, self.dtype, self.patch_time,
-                        name="patch_embed")(spectrogram.astype(self.dtype))
+                        name="patch_embed")(spectrogram.astype(self.dtype), patch)
     cls_token = self.param("cls_token", with_names(trunc_normal, None, None, "embed"), (1, 1, self.width))
     dist_token = self.param("dist_token", with_names(trunc_normal, None, None, "embed"), (1, 1, self.width))
     prefix = jnp.concatenate([cls_token, dist_token], axis=1).astype(self.dtype)
     tokens = jnp.concatenate([jnp.broadcast_to(prefix, (batch, 2, self.width)), tokens], axis=1)
-    pos_embed = self.param("pos_embed", with_names(trunc_normal, None, None, "embed"),
-                           (1, freq * time + 2, self.width))
+    if patch is None:
+      pos_embed = self.param("pos_embed", with_names(trunc_normal, None, None, "embed"),
+                             (1, freq * time + 2, self.width))
+    else:  # the table is stored on the model's own grid
+      pos_embed = self.param("pos_embed", with_names(trunc_normal, None, None, "embed"),
+                             (1, base_grid[0] * base_grid[1] + 2, self.width))
+      pos_embed = resize_pos_grid(pos_embed, base_grid, (freq, time))
     tokens = tokens + pos_embed.astype(self.dtype)
     tokens = nn.Dropout(self.dropout)(tokens, deterministic=not train)
     tokens = Encoder(self.depth, self.num_heads, self.mlp_ratio * self.width, self.dropout, self.attention_dropout,

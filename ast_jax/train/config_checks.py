@@ -72,6 +72,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"model.name={config.model.name!r} is not one of ('ast', 'elastic')")
   elif config.model.name == "elastic":
     problems += _packing_problems(config)
+  problems += _flexi_problems(config)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -104,6 +105,30 @@ def _sweep_problems(config: ml_collections.ConfigDict) -> list[str]:
   if any(not q >= 1.0 for q in sweep.resolutions):
     problems.append(f"eval_sweep.resolutions={tuple(sweep.resolutions)!r}: each q must be >= 1 (frame shift "
                     "audio.frame_shift * q)")
+  return problems
+
+
+def _flexi_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """FlexiAST training and patch-size sweeps: an AST with non-overlapping patches, every size fitting the input."""
+  model = config.model
+  train_sizes, eval_sizes = tuple(model.get("flexi_patch_sizes", ())), tuple(config.get("eval_patch_sizes", ()))
+  if not (train_sizes or eval_sizes):
+    return []
+  problems = []
+  if model.get("flexi_axes", "both") not in ("both", "time"):
+    problems.append(f"model.flexi_axes={model.flexi_axes!r} is not one of ('both', 'time')")
+  if model.get("name", "ast") != "ast":
+    problems.append("model.flexi_patch_sizes and eval_patch_sizes apply to model.name='ast'")
+  patch_time = model.get("patch_time") or model.patch_size
+  if (model.fstride, model.tstride) != (model.patch_size, patch_time):
+    problems.append(f"model.flexi_patch_sizes / eval_patch_sizes need non-overlapping patches: set model.fstride="
+                    f"{model.patch_size} and model.tstride={patch_time} (now {model.fstride}, {model.tstride})")
+  time_only = model.get("flexi_axes", "both") == "time"
+  for size in train_sizes + eval_sizes:
+    freq = model.patch_size if time_only else size
+    if not (isinstance(size, int) and size > 0) or freq > config.audio.num_mel_bins or size > config.audio.target_length:
+      problems.append(f"patch size {size!r} (model.flexi_patch_sizes / eval_patch_sizes) must be a positive int "
+                      f"that fits {config.audio.num_mel_bins} mel bins x {config.audio.target_length} frames")
   return problems
 
 

@@ -19,8 +19,10 @@ Batch = dict[str, jax.Array]
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, config: Any,
-                    base_rng: jax.Array) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+                    base_rng: jax.Array, patch: tuple[int, int] | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """waveforms -> front end with SpecAugment -> model -> loss -> Adam update. Randomness is a function of the step.
+  `patch` (frequency, time): run the AST at that patch shape (FlexiAST; one step function per shape).
 
   With `config.train.grad_accum_steps` = A > 1 the batch is split into A micro-batches (each spread over every
   data-parallel device) whose gradients are summed in float32 before one update: the same update as one big batch,
@@ -28,6 +30,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   """
   audio, augment, loss_kind = config.audio.to_dict(), config.augment.to_dict(), config.train.loss
   label_smoothing, accum_steps = config.train.label_smoothing, config.train.grad_accum_steps
+  patch_kwargs = {} if patch is None else {"patch": tuple(patch)}
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     step_rng = jax.random.fold_in(base_rng, state.step)
@@ -36,7 +39,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     total = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
 
     def loss_fn(params, features, labels, mask, rng):
-      logits, _ = model.apply({"params": params}, features, train=True, rngs={"dropout": rng})
+      logits, _ = model.apply({"params": params}, features, train=True, rngs={"dropout": rng}, **patch_kwargs)
       # Weighted by this micro-batch's share of the real examples, so the sum over micro-batches is the mean.
       return classification_loss(logits, labels, mask, loss_kind, label_smoothing) * jnp.sum(mask) / total
 
@@ -75,13 +78,16 @@ def _micro_batches(array: jax.Array, count: int) -> jax.Array:
   return nn.with_logical_constraint(micro, (None, "batch") + (None,) * (array.ndim - 1))
 
 
-def make_eval_step(model: nn.Module, config: Any) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-  """waveforms -> front end (no augmentation) -> model; returns per-example scores, loss terms and embeddings."""
+def make_eval_step(model: nn.Module, config: Any, patch: tuple[int, int] | None = None
+                   ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+  """waveforms -> front end (no augmentation) -> model (at `patch`, when given); returns per-example scores, loss
+  terms and embeddings."""
   audio, loss_kind = config.audio.to_dict(), config.train.loss
+  patch_kwargs = {} if patch is None else {"patch": tuple(patch)}
 
   def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
     features = model_input(batch["waveform"], batch["num_samples"], audio)
-    logits, intermediates = model.apply({"params": params}, features, train=False)
+    logits, intermediates = model.apply({"params": params}, features, train=False, **patch_kwargs)
     loss_sum = classification_loss(logits, batch["label"], batch["mask"], loss_kind) * jnp.sum(batch["mask"])
     return {"scores": scores_from_logits(logits, loss_kind), "loss_sum": loss_sum,
             "embedding": intermediates["embedding"]}

@@ -1,5 +1,6 @@
-"""Evaluation sweeps: one trained model evaluated with clips capped at several lengths and framed at several
-time resolutions q (frame shift `audio.frame_shift * q`), the test ElasticAST was built to pass.
+"""Evaluation sweeps: one trained model evaluated with clips capped at several lengths, framed at several time
+resolutions q (frame shift `audio.frame_shift * q`), and (an AST with non-overlapping patches) run at several patch
+sizes: the tests ElasticAST and FlexiAST were built to pass.
 
 - ElasticAST (packed input): each clip is cut to the length cap (frames at the base frame shift) and keeps its
   own length below it; at resolution q every clip is framed at q times the frame shift. One compiled step serves
@@ -7,6 +8,8 @@ time resolutions q (frame shift `audio.frame_shift * q`), the test ElasticAST wa
 - A fixed-length AST runs at input length = the cap, its positional table moved to that grid by upstream's rule
   (`convert/posembed.py:adapt_pos_embed`: centre cut when shorter, interpolation when longer), as one would run
   an AST at another length; at resolution q its input keeps `audio.target_length` frames at the coarser shift.
+- Patch sizes (`config.eval_patch_sizes`, AST only): the model at patch p (square, or time-only with
+  `model.flexi_axes='time'`), its kernel PI-resized and its positional grid resized (`models/flexi.py`).
 
 Writes `<workdir>/sweep.csv`, `sweep.md` and `sweep.png`.
 """
@@ -27,11 +30,18 @@ log = logging.getLogger(__name__)
 METRICS = ("accuracy", "mAP", "mAUC", "d_prime", "loss")
 
 
-def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, int | None, float | None]]:
-  """(kind, length, resolution): every length at the base resolution, then every resolution at the base length."""
+def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, int | None, float | None, int | None]]:
+  """(kind, length, resolution, patch): every length at the base resolution, every resolution at the base length,
+  then every patch size."""
   sweep = config.eval_sweep
-  return ([("length", int(length), None) for length in sweep.lengths]
-          + [("resolution", None, float(q)) for q in sweep.resolutions])
+  return ([("length", int(length), None, None) for length in sweep.lengths]
+          + [("resolution", None, float(q), None) for q in sweep.resolutions]
+          + [("patch", None, None, int(p)) for p in config.get("eval_patch_sizes", ())])
+
+
+def patch_shape_of(config: ml_collections.ConfigDict, size: int) -> tuple[int, int]:
+  """A swept patch size as (frequency, time): square, or time-only with `model.flexi_axes='time'`."""
+  return (config.model.patch_size, size) if config.model.get("flexi_axes", "both") == "time" else (size, size)
 
 
 def run_sweep(config: ml_collections.ConfigDict, params: Any, inputs: Any, mesh: Any, rules: Any,
@@ -45,8 +55,15 @@ def run_sweep(config: ml_collections.ConfigDict, params: Any, inputs: Any, mesh:
   host = dict(shard_index=shard_index, shard_count=shard_count)
   records = []
   packed_step = None
-  for kind, length, resolution in sweep_points(config):
-    if inputs.packed:
+  for kind, length, resolution, patch in sweep_points(config):
+    if patch is not None:
+      shape = patch_shape_of(config, patch)
+      step = sharded_jit(make_eval_step(build_model(config), config, shape), mesh, rules,
+                         in_shardings=(param_shardings, batch_sharding(mesh)))
+      point_params = put_host_tree(params, param_shardings)
+      batches = inputs.eval_batches(**host)
+      shown_length = config.audio.target_length
+    elif inputs.packed:
       if packed_step is None:
         packed_step = sharded_jit(make_packed_eval_step(build_model(config), config), mesh, rules,
                                   in_shardings=(param_shardings, batch_sharding(mesh)))
@@ -62,10 +79,12 @@ def run_sweep(config: ml_collections.ConfigDict, params: Any, inputs: Any, mesh:
       batches = inputs.eval_batches(**host, config=point)
       shown_length = point.audio.target_length
     metrics = evaluate_params(step, point_params, batches, mesh)
-    record = {"sweep": kind, "length": shown_length, "resolution": resolution or 1.0, **metrics}
+    own = patch_shape_of(config, config.model.get("patch_time") or config.model.patch_size)[1]
+    record = {"sweep": kind, "length": shown_length, "resolution": resolution or 1.0, "patch": patch or own,
+              **metrics}
     records.append(record)
-    log.info("sweep %s: length %d, q %.2f: %s %.4f", kind, record["length"], record["resolution"],
-             config.train.main_metric, record.get(config.train.main_metric, float("nan")))
+    log.info("sweep %s: length %d, q %.2f, patch %d: %s %.4f", kind, record["length"], record["resolution"],
+             record["patch"], config.train.main_metric, record.get(config.train.main_metric, float("nan")))
   if jax.process_index() == 0:
     write_sweep(records, workdir, config.train.main_metric)
   return records
@@ -100,7 +119,7 @@ def moved_params(params: Any, config: ml_collections.ConfigDict, point: ml_colle
 
 def write_sweep(records: Sequence[dict[str, Any]], workdir: str, metric: str) -> None:
   path = os.path.join(workdir, "sweep.csv")
-  columns = ["sweep", "length", "resolution", *[m for m in METRICS if m in records[0]], "num_examples"]
+  columns = ["sweep", "length", "resolution", "patch", *[m for m in METRICS if m in records[0]], "num_examples"]
   with open(path, "w", newline="") as handle:
     writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -121,7 +140,9 @@ def sweep_table(runs: dict[str, Sequence[dict[str, Any]]], metric: str) -> str:
   """A markdown table: one row per run, one column per sweep point, the metric in % for accuracy/mAP."""
   scale = 100.0 if metric in ("accuracy", "mAP", "mAUC") else 1.0
   first = next(iter(runs.values()))
-  header = [f"cap {int(r['length'])}" if r["sweep"] == "length" else f"q = {r['resolution']:g}" for r in first]
+  labels = {"length": lambda r: f"cap {int(r['length'])}", "resolution": lambda r: f"q = {r['resolution']:g}",
+            "patch": lambda r: f"p = {int(r['patch'])}"}
+  header = [labels[r["sweep"]](r) for r in first]
   lines = ["| model | " + " | ".join(header) + " | best - worst |", "|---" * (len(header) + 2) + "|"]
   for name, records in runs.items():
     values = [scale * float(r[metric]) for r in records]
@@ -130,23 +151,26 @@ def sweep_table(runs: dict[str, Sequence[dict[str, Any]]], metric: str) -> str:
 
 
 def plot_sweeps(runs: dict[str, Sequence[dict[str, Any]]], metric: str, path: str) -> None:
-  """Two panels, the metric against the length cap and against q, one line per run."""
+  """One panel per swept kind (length cap, q, patch size), the metric against it, one line per run."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-  for name, records in runs.items():
-    for axis, kind, key in ((axes[0], "length", "length"), (axes[1], "resolution", "resolution")):
-      points = [(float(r[key]), float(r[metric])) for r in records if r["sweep"] == kind]
+  panels = [(kind, label) for kind, label in (("length", "length cap (frames)"),
+                                              ("resolution", "resolution q (frame shift x q)"),
+                                              ("patch", "patch size"))
+            if any(r["sweep"] == kind for records in runs.values() for r in records)]
+  figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=True, squeeze=False)
+  for axis, (kind, label) in zip(axes[0], panels):
+    for name, records in runs.items():
+      points = [(float(r[kind]), float(r[metric])) for r in records if r["sweep"] == kind]
       if points:
         axis.plot(*zip(*points), marker="o", label=name)
-  axes[0].set(xlabel="length cap (frames)", ylabel=metric, title="length")
-  axes[1].set(xlabel="resolution q (frame shift x q)", title="time resolution")
-  for axis in axes:
+    axis.set(xlabel=label, title=kind)
     axis.grid(alpha=0.3)
-  (axes[0] if axes[0].lines else axes[1]).legend()
+    axis.legend()
+  axes[0][0].set(ylabel=metric)
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   plt.close(figure)

@@ -74,9 +74,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_sharding = batch_sharding(mesh)
   make_train, make_eval = ((make_packed_train_step, make_packed_eval_step) if inputs.packed
                            else (make_train_step, make_eval_step))
-  train_step = sharded_jit(make_train(model, tx, schedule, config, train_rng), mesh, rules,
-                           in_shardings=(state_shardings, data_sharding),
-                           out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+  def compile_train_step(*patch: tuple[int, int]) -> Any:
+    return sharded_jit(make_train(model, tx, schedule, config, train_rng, *patch), mesh, rules,
+                       in_shardings=(state_shardings, data_sharding),
+                       out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+
+  # FlexiAST: a patch shape drawn per step, one compiled step per shape (each compiled on first use, then reused).
+  flexi_steps = PatchSteps(compile_train_step) if flexi_patch_sizes(config) else None
+  train_step = None if flexi_steps else compile_train_step()
   eval_step = sharded_jit(make_eval(model, config), mesh, rules, in_shardings=(state_shardings.params, data_sharding))
 
   # Restore.
@@ -113,7 +118,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   throughput = Throughput(inputs.examples_per_step, flops["tokens_per_step"], flops["train_flops_per_step"], peak,
                           jax.device_count())
   for step in range(start_step, total_steps):
-    state, metrics = train_step(state, global_batch(mesh, next(train_iter)))
+    batch = global_batch(mesh, next(train_iter))
+    if flexi_steps is not None:
+      state, metrics = flexi_steps(step_patch(config, step), state, batch)
+    else:
+      state, metrics = train_step(state, batch)
     done, epoch = step + 1, step // steps_per_epoch + 1
     if done % config.train.log_every_steps == 0 or done == total_steps:
       last_loss = float(metrics["loss"])  # waits for the step, so the interval's rate is measured
@@ -155,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   else state.params)  # on every process: gathering shards is a collective
   if jax.process_index() == 0:
     export_model(os.path.join(workdir, "model"), final, config, sources.label_names)
-  if config.eval_sweep.lengths or config.eval_sweep.resolutions:
+  if config.eval_sweep.lengths or config.eval_sweep.resolutions or config.get("eval_patch_sizes"):
     run_sweep(config, final, inputs, mesh, rules, state_shardings.params, workdir, **host)
   checkpointer.wait()
   checkpointer.close()
@@ -202,6 +211,41 @@ def param_shardings(config: ml_collections.ConfigDict, mesh: Any, rules: Any) ->
   with partitioning(mesh, rules):
     abstract = jax.eval_shape(lambda rng: model.init(rng, *example_inputs(config))["params"], jax.random.key(0))
     return shardings_of(abstract, mesh, rules)
+
+
+def flexi_patch_sizes(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
+  """FlexiAST's training patch shapes (frequency, time): `model.flexi_patch_sizes`, square or, with
+  `model.flexi_axes='time'`, time-only (frequency fixed at `model.patch_size`). Empty: an ordinary AST."""
+  sizes = tuple(int(size) for size in config.model.get("flexi_patch_sizes", ()))
+  if config.model.get("flexi_axes", "both") == "time":
+    return tuple((config.model.patch_size, size) for size in sizes)
+  return tuple((size, size) for size in sizes)
+
+
+def step_patch(config: ml_collections.ConfigDict, step: int) -> tuple[int, int]:
+  """The patch shape of training step `step`: uniform over `flexi_patch_sizes`, a function of (seed, step), so a
+  resumed run draws the same shapes."""
+  shapes = flexi_patch_sizes(config)
+  return shapes[int(np.random.default_rng([config.seed & 0xFFFFFFFF, step, 11]).integers(len(shapes)))]
+
+
+class PatchSteps:
+  """Train steps by patch shape: `compile_step(patch)` once per shape, on first use; each first call (trace,
+  compile and one step) is logged with its time."""
+
+  def __init__(self, compile_step: Any):
+    self.compile_step, self.steps = compile_step, {}
+
+  def __call__(self, patch: tuple[int, int], state: Any, batch: Any) -> Any:
+    if patch in self.steps:
+      return self.steps[patch](state, batch)
+    start = time.perf_counter()
+    self.steps[patch] = self.compile_step(patch)
+    state, metrics = self.steps[patch](state, batch)
+    jax.block_until_ready(metrics)
+    log.info("train step for patch %dx%d compiled and run in %.1f s (%d shapes compiled)", *patch,
+             time.perf_counter() - start, len(self.steps))
+    return state, metrics
 
 
 def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any) -> None:

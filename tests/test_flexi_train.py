@@ -1,0 +1,106 @@
+"""FlexiAST through the model and the trainer: any patch size at inference, one compiled train step per size,
+flexifying an ordinary AST checkpoint, and the patch-size sweep."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from ast_jax.models.ast import AST, PatchEmbed
+from ast_jax.models.flexi import flexi_patch_embed
+from ast_jax.train.config_checks import ConfigError, validate_config
+from ast_jax.train.trainer import step_patch, train_and_evaluate
+from configs import demo
+
+
+def small_ast(**fields):
+  return AST(num_classes=4, width=32, depth=1, num_heads=2, patch_size=16, fstride=16, tstride=16, **fields)
+
+
+def test_patch_embed_at_any_size_is_the_pi_resized_conv():
+  spectrogram = jax.random.normal(jax.random.key(0), (2, 128, 64))
+  embed = PatchEmbed(32, 16, 16, 16)
+  params = nn.meta.unbox(embed.init(jax.random.key(1), spectrogram)["params"])
+  kernel, bias = params["proj"]["kernel"], params["proj"]["bias"]
+  for patch in [(8, 8), (24, 24), (16, 32), (12, 20)]:
+    ours = embed.apply({"params": params}, spectrogram, patch)
+    np.testing.assert_allclose(ours, flexi_patch_embed(spectrogram, kernel, bias, patch), rtol=1e-5, atol=1e-5)
+  # its own size: the ordinary strided conv
+  own = embed.apply({"params": params}, spectrogram)
+  np.testing.assert_array_equal(own, embed.apply({"params": params}, spectrogram, (16, 16)))
+  np.testing.assert_allclose(own, flexi_patch_embed(spectrogram, kernel, bias, 16), rtol=1e-5, atol=1e-5)
+
+
+def test_ast_runs_at_every_patch_size_and_its_own_size_is_unchanged():
+  model = small_ast()
+  spectrogram = jax.random.normal(jax.random.key(0), (2, 128, 64))
+  variables = model.init(jax.random.key(1), spectrogram)
+  base, _ = model.apply(variables, spectrogram)
+  np.testing.assert_array_equal(base, model.apply(variables, spectrogram, patch=(16, 16))[0])
+  for patch in [(8, 8), (10, 10), (32, 32), (16, 8)]:
+    logits, intermediates = jax.jit(lambda v, x, p=patch: model.apply(v, x, patch=p))(variables, spectrogram)
+    assert logits.shape == (2, 4) and np.all(np.isfinite(logits))
+    assert intermediates["tokens"].shape[1] == 2 + (64 // patch[0]) * (128 // patch[1])
+  overlapping = AST(num_classes=4, width=32, depth=1, num_heads=2, patch_size=16, fstride=10, tstride=10)
+  overlap_variables = overlapping.init(jax.random.key(1), spectrogram)
+  with pytest.raises(ValueError, match="non-overlapping"):
+    overlapping.apply(overlap_variables, spectrogram, patch=(8, 8))
+
+
+def flexi_config(**train):
+  config = demo.get_config("smoke")
+  config.data.update(num_train_examples=32, num_eval_examples=8, batch_size=4, eval_batch_size=4)
+  config.model.flexi_patch_sizes = (8, 16, 32)
+  config.train.update(log_every_steps=1, **train)
+  return config
+
+
+def test_random_patch_per_step_compiles_each_size_once(tmp_path, caplog):
+  config = flexi_config(max_steps=8)
+  shapes = [step_patch(config, step) for step in range(8)]
+  assert set(shapes) == {(8, 8), (16, 16), (32, 32)} and shapes == [step_patch(config, s) for s in range(8)]
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level(logging.DEBUG):
+      record = train_and_evaluate(config, str(tmp_path))
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  assert record["step"] == 8 and np.isfinite(record["loss"])
+  compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage() and "train_step" in r.getMessage()]
+  assert len(compiled) == 3, compiled  # one per patch size, never again
+  logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train step for patch")]
+  assert sorted(m.split()[4] for m in logged) == ["16x16", "32x32", "8x8"]
+
+
+def test_flexify_an_ast_checkpoint_and_sweep_patch_sizes(tmp_path):
+  source = demo.get_config("smoke")  # an ordinary AST (16x16 patches at stride 16)
+  source.data.update(num_train_examples=16, num_eval_examples=8, batch_size=4, eval_batch_size=4)
+  source.train.max_steps = 2
+  train_and_evaluate(source, str(tmp_path / "ast"))
+  config = flexi_config(max_steps=3)
+  config.init_from = f"ast_jax:{tmp_path / 'ast' / 'model'}"
+  config.eval_patch_sizes = (8, 16, 32)
+  train_and_evaluate(config, str(tmp_path / "flexi"))
+  with open(tmp_path / "flexi" / "sweep.csv") as handle:
+    rows = list(csv.DictReader(handle))
+  assert [(r["sweep"], int(float(r["patch"]))) for r in rows] == [("patch", 8), ("patch", 16), ("patch", 32)]
+  assert all(int(r["num_examples"]) == 8 for r in rows)
+  assert os.path.getsize(tmp_path / "flexi" / "sweep.png") > 1000
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(fstride=10, tstride=10), "need non-overlapping patches"),
+    (dict(flexi_patch_sizes=(8, 200)), "patch size 200"),
+    (dict(flexi_axes="freq"), "model.flexi_axes"),
+])
+def test_bad_flexi_configs_name_the_field(override, message):
+  config = flexi_config()
+  config.model.update(override)
+  with pytest.raises(ConfigError, match=message):
+    validate_config(config)
