@@ -6,6 +6,7 @@ training iterator and evaluation passes, optionally at another length cap or fra
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterable
 
 import ml_collections
@@ -116,6 +117,4 @@ def build_input(config: ml_collections.ConfigDict, sources: Sources) -> FixedInp
 
 
 def _threads() -> int:
-  import os
-
   return max(1, min(os.cpu_count() or 1, 16))
