@@ -57,10 +57,10 @@ def test_elastic_ast_learns_two_digits_at_native_lengths(tmp_path):
   config.model.update(width=96, depth=3, num_heads=3)
   config.packing.update(rows=1, eval_rows=2)  # about 17 clips per step, as the AST run's batch of 16
   config.optim.update(warmup_steps=20)
-  config.train.update(epochs=16, progress_bar=False, tensorboard=False)
+  config.train.update(epochs=12, progress_bar=False, tensorboard=False)
   config.eval_sweep.update(lengths=(), resolutions=(1.0, 2.5))
   record = train_and_evaluate(config, str(tmp_path / "work"))
-  assert record["num_examples"] == 60 and record["accuracy"] >= 0.8, record  # chance: 0.5
+  assert record["num_examples"] == 60 and record["accuracy"] >= 0.75, record  # chance: 0.5
   assert record["packing_efficiency"] > 0.9
   sweep = (tmp_path / "work" / "sweep.csv").read_text().splitlines()
   assert len(sweep) == 3
@@ -133,3 +133,18 @@ def test_fsdd_recipe_reaches_95_percent(tmp_path):
            for speaker in ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")]
   digits = predicted_digits(predict(workdir / "model", files))
   assert sum(digits[path] == os.path.basename(path)[0] for path in files) >= 0.9 * len(files)
+
+
+@pytest.mark.slow
+@needs_fsdd
+def test_fsdd_elastic_recipe_stays_flat_across_lengths_and_resolutions(tmp_path):
+  """The ElasticAST acceptance run: `python -m ast_jax.main --config=configs/fsdd.py:elastic`, then its sweep over
+  length caps 64-240 frames and q = 1, 1.5, 2, 2.5 (docs/RESULTS.md: 97.0-97.3 %)."""
+  import csv
+
+  workdir = tmp_path / "fsdd_elastic"
+  subprocess.run([sys.executable, "-m", "ast_jax.main", "--config=configs/fsdd.py:elastic", f"--workdir={workdir}",
+                  "--config.train.progress_bar=False"], cwd=ROOT, check=True, timeout=45 * 60)
+  with open(workdir / "sweep.csv") as handle:
+    accuracies = [float(row["accuracy"]) for row in csv.DictReader(handle)]
+  assert len(accuracies) == 9 and min(accuracies) >= 0.95 and max(accuracies) - min(accuracies) <= 0.03, accuracies

@@ -59,6 +59,7 @@ def test_audioset_recipes_run_two_steps(tmp_path, recipe):
   assert record["weights"] == "averaged"
 
 
+@pytest.mark.slow  # the elastic trainer path runs in the default suite (test_elastic_train.py); this adds the recipe
 def test_audioset_elastic_recipe_trains_and_sweeps(tmp_path):
   config = audioset.get_config("elastic_smoke")
   config.eval_sweep.update(lengths=(256,), resolutions=(4.0,))
