@@ -72,7 +72,8 @@ def test_random_patch_per_step_compiles_each_size_once(tmp_path, caplog):
   finally:
     jax.config.update("jax_log_compiles", False)
   assert record["step"] == 8 and np.isfinite(record["loss"])
-  compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage() and "train_step" in r.getMessage()]
+  messages = [r.getMessage() for r in caplog.records]
+  compiled = [m for m in messages if "Compiling" in m and "train_step" in m]
   assert len(compiled) == 3, compiled  # one per patch size, never again
   logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train step for patch")]
   assert sorted(m.split()[4] for m in logged) == ["16x16", "32x32", "8x8"]

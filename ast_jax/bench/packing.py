@@ -83,8 +83,10 @@ def time_case(name: str, config: ml_collections.ConfigDict, sources: Any) -> dic
     counts = config_flops(config)
     options = FrontEnd.from_config(config.audio).fbank_options()
     clips = [float(b["mask"].sum()) for b in host_batches]
-    tokens = [float(sum(counts["freq"] * min(counts["time"], max(1, num_frames(int(n), options) // config.model.tstride))
-                        for n in b["num_samples"][b["mask"] > 0])) for b in host_batches]
+    def real(num_samples: int) -> int:
+      return counts["freq"] * min(counts["time"], max(1, num_frames(int(num_samples), options) // config.model.tstride))
+
+    tokens = [float(sum(real(n) for n in b["num_samples"][b["mask"] > 0])) for b in host_batches]
     capacity = counts["num_patches"] * config.data.batch_size
   batches = [global_batch(mesh, b) for b in host_batches]
   start = time.perf_counter()

@@ -91,9 +91,9 @@ def masked_mean(tokens: jax.Array, segment_ids: jax.Array, max_clips: int) -> ja
 
 
 class ElasticAST(nn.Module):
-  """`__call__(patches, segment_ids, freq_positions, time_positions[, time_patches])` -> (logits `[rows, max_clips, classes]`,
-  {"embedding": `[rows, max_clips, width]`, "tokens": `[rows, row_tokens, width]`}). Slots without a clip give
-  meaningless outputs; the caller masks them with the packer's `clips >= 0`."""
+  """`__call__(patches, segment_ids, freq_positions, time_positions[, time_patches])` -> (logits `[rows,
+  max_clips, classes]`, {"embedding": `[rows, max_clips, width]`, "tokens": `[rows, row_tokens, width]`}). Slots
+  without a clip give meaningless outputs; the caller masks them with the batch's `clip_mask`."""
 
   num_classes: int
   width: int = 768

@@ -126,7 +126,8 @@ def _flexi_problems(config: ml_collections.ConfigDict) -> list[str]:
   time_only = model.get("flexi_axes", "both") == "time"
   for size in train_sizes + eval_sizes:
     freq = model.patch_size if time_only else size
-    if not (isinstance(size, int) and size > 0) or freq > config.audio.num_mel_bins or size > config.audio.target_length:
+    fits = freq <= config.audio.num_mel_bins and size <= config.audio.target_length
+    if not (isinstance(size, int) and size > 0) or not fits:
       problems.append(f"patch size {size!r} (model.flexi_patch_sizes / eval_patch_sizes) must be a positive int "
                       f"that fits {config.audio.num_mel_bins} mel bins x {config.audio.target_length} frames")
   return problems

@@ -123,7 +123,8 @@ def _packed_model_inputs(batch: Batch) -> tuple[jax.Array, ...]:
 
 
 def make_packed_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, config: Any,
-                           base_rng: jax.Array) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+                           base_rng: jax.Array
+                           ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """The ElasticAST step on packed batches (ast_jax/data/packed.py): the loss averages over real clips only."""
   audio, augment, loss_kind = config.audio.to_dict(), config.augment.to_dict(), config.train.loss
   label_smoothing, patch = config.train.label_smoothing, elastic_patch(config)

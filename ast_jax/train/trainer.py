@@ -74,6 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_sharding = batch_sharding(mesh)
   make_train, make_eval = ((make_packed_train_step, make_packed_eval_step) if inputs.packed
                            else (make_train_step, make_eval_step))
+
   def compile_train_step(*patch: tuple[int, int]) -> Any:
     return sharded_jit(make_train(model, tx, schedule, config, train_rng, *patch), mesh, rules,
                        in_shardings=(state_shardings, data_sharding),
@@ -251,8 +252,9 @@ class PatchSteps:
 def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any) -> None:
   """The global batch must split evenly over the data-parallel devices, the processes and the micro-batches."""
   dp, accum = data_parallel_size(mesh), config.train.grad_accum_steps
-  if is_packed(config):
-    sizes = (("packing.rows", config.packing.rows), ("packing.eval_rows", config.packing.eval_rows or config.packing.rows))
+  if is_packed(config):  # rows are the batch; gradient accumulation is off (config_checks)
+    sizes = (("packing.rows", config.packing.rows),
+             ("packing.eval_rows", config.packing.eval_rows or config.packing.rows))
   else:
     sizes = (("data.batch_size", config.data.batch_size),
              ("data.eval_batch_size", config.data.eval_batch_size or config.data.batch_size))
@@ -260,7 +262,7 @@ def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any) -> None:
     if size % dp or size % jax.process_count():
       raise ConfigError(f"config.{name}={size} must divide over the {dp} data-parallel devices (mesh "
                         f"{dict(mesh.shape)}) and {jax.process_count()} processes")
-  if config.data.batch_size % (accum * dp):
+  if not is_packed(config) and config.data.batch_size % (accum * dp):
     raise ConfigError(f"config.data.batch_size={config.data.batch_size} must divide into grad_accum_steps={accum} "
                       f"micro-batches of a multiple of {dp} data-parallel devices")
 
