@@ -105,3 +105,13 @@ def test_bad_flexi_configs_name_the_field(override, message):
   config.model.update(override)
   with pytest.raises(ConfigError, match=message):
     validate_config(config)
+
+
+def test_time_only_sizes_keep_the_frequency_size():
+  from ast_jax.train.sweep import patch_shape_of
+
+  config = flexi_config()
+  config.model.flexi_axes = "time"
+  validate_config(config)
+  assert {step_patch(config, step) for step in range(30)} == {(16, 8), (16, 16), (16, 32)}
+  assert patch_shape_of(config, 8) == (16, 8)
