@@ -79,6 +79,7 @@ def test_random_patch_per_step_compiles_each_size_once(tmp_path, caplog):
   assert sorted(m.split()[4] for m in logged) == ["16x16", "32x32", "8x8"]
 
 
+@pytest.mark.slow  # two trainer runs; the default suite covers init_from (test_recipes) and patch-size steps here
 def test_flexify_an_ast_checkpoint_and_sweep_patch_sizes(tmp_path):
   source = demo.get_config("smoke")  # an ordinary AST (16x16 patches at stride 16)
   source.data.update(num_train_examples=16, num_eval_examples=8, batch_size=4, eval_batch_size=4)

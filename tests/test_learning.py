@@ -43,6 +43,7 @@ def two_digit_run(tmp_path_factory):
   return record, root / "work"
 
 
+@pytest.mark.slow  # the default suite's ElasticAST training runs on demo clips (test_elastic_train.py)
 @needs_fsdd
 def test_elastic_ast_learns_two_digits_at_native_lengths(tmp_path):
   """ElasticAST (configs/fsdd.py:elastic: clips at their own lengths and resolutions, packed) on 'zero' vs 'one'."""
