@@ -51,6 +51,8 @@ app.run(main.main)
 LOSS_LINE = re.compile(r"^train_loss (\d+) (\S+)$")
 
 COLLECTIVES = """
+import sys
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -60,11 +62,12 @@ from ast_jax.parallel import distributed
 
 distributed.initialize()
 index = jax.process_index()
-print("gathered", multihost_utils.process_allgather(np.array([index, 10 * index])).tolist())
+gathered = multihost_utils.process_allgather(np.array([index, 10 * index])).tolist()
+sys.stdout.write(f"gathered {gathered}\\n")  # one write: gloo's threads log to the same stream meanwhile
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 rows = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")),
                                               np.full((jax.local_device_count(), 2), index + 1.0, np.float32))
-print("sum", float(jax.jit(lambda x: x.sum())(rows)))
+sys.stdout.write(f"sum {float(jax.jit(lambda x: x.sum())(rows))}\\n")
 """
 
 
