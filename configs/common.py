@@ -95,6 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
       # strides = patch_size; the stored kernel is PI-resized to each size); empty: one patch size.
       flexi_patch_sizes=(),
       flexi_axes="both",  # both: square p x p patches; time: patch_size bins x p frames
+      flexi_patch_weights=(),  # relative probability of each of flexi_patch_sizes per step; empty: uniform
+      # Steps at a drawn size other than the stored one also take the loss at the stored size, with this weight
+      # (0: off; 0.5: the two losses averaged, as the "sandwich" of weight-sharing networks).
+      flexi_base_weight=0.0,
+      flexi_distill=False,  # with flexi_base_weight: the drawn size learns the stored size's own predictions
   ))
   # Weights to start from instead of a random initialisation: 'imagenet:/path' (timm DeiT/ViT .pth/.npz/
   # .safetensors), 'original:/path.pth' (upstream AST), 'hf:/dir' (ASTForAudioClassification), 'ast_jax:/dir'.

@@ -47,6 +47,24 @@ def test_config_flops_ast_base_audioset():
   assert counts["train_flops"] == 3 * expected
 
 
+def test_config_flops_flexiast_is_the_mean_over_the_drawn_sizes():
+  def config_at(size, **flexi):
+    config = base_config()
+    config.audio.update(num_mel_bins=64, target_length=100)
+    config.model.update(width=64, depth=2, num_heads=2, patch_size=size, fstride=size, tstride=size, **flexi)
+    return config
+
+  per_size = {size: flops.config_flops(config_at(size)) for size in (8, 16, 32)}
+  for base_weight, weights in ((0.0, ()), (0.5, ()), (0.0, (2, 1, 1))):
+    flexi = flops.config_flops(config_at(16, flexi_patch_sizes=(8, 16, 32), flexi_base_weight=base_weight,
+                                         flexi_patch_weights=weights))
+    probs = {8: 0.5, 16: 0.25, 32: 0.25} if weights else {size: 1 / 3 for size in per_size}
+    extra = (probs[8] + probs[32]) * per_size[16]["train_flops"] if base_weight else 0.0  # stored size at 8, 32
+    mean = sum(probs[size] * counts["train_flops"] for size, counts in per_size.items()) + extra
+    assert flexi["train_flops"] == pytest.approx(mean, rel=1e-6)
+    assert flexi["train_flops_per_step"] == pytest.approx(mean * base_config().data.batch_size, rel=1e-6)
+
+
 def test_peak_flops_lookup():
   assert flops.peak_flops_per_device(jax.devices("cpu")[0], "float32") is None
   h100 = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")

@@ -10,11 +10,17 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 
+from ast_jax.audio import model_input
+from ast_jax.models import build_model
 from ast_jax.models.ast import AST, PatchEmbed
 from ast_jax.models.flexi import flexi_patch_embed
 from ast_jax.train.config_checks import ConfigError, validate_config
+from ast_jax.train.losses import classification_loss
+from ast_jax.train.state import create_train_state
+from ast_jax.train.steps import make_train_step
 from ast_jax.train.trainer import step_patch, train_and_evaluate
 from configs import demo
 
@@ -79,6 +85,37 @@ def test_random_patch_per_step_compiles_each_size_once(tmp_path, caplog):
   assert sorted(m.split()[4] for m in logged) == ["16x16", "32x32", "8x8"]
 
 
+@pytest.mark.parametrize("distill", [False, True])
+def test_base_weight_adds_the_stored_size_loss(distill):
+  """flexi_base_weight w: a step at a drawn size p takes (1 - w) loss(p) + w loss(stored size), with the drawn size's
+  targets the labels or (flexi_distill) the stored size's own predictions; a step at the stored size is unchanged."""
+  config = flexi_config()
+  config.augment.update(freq_mask=0, time_mask=0, roll=0, mixup=0.0)  # deterministic features
+  config.model.update(flexi_base_weight=0.25, flexi_distill=distill)
+  validate_config(config)
+  model = build_model(config)
+  batch_size, samples = 4, int(config.audio.sample_rate * 0.4)
+  waveforms = 0.1 * jax.random.normal(jax.random.key(0), (batch_size, samples))
+  labels = jax.nn.one_hot(np.array([0, 1, 2, 3]) % config.num_classes, config.num_classes)
+  batch = {"waveform": waveforms, "num_samples": np.full(batch_size, samples, np.int32), "label": labels,
+           "mask": np.ones(batch_size, np.float32)}
+  features = model_input(waveforms, batch["num_samples"], config.audio.to_dict())
+  params = model.init(jax.random.key(1), features)["params"]
+  state = create_train_state(params, optax.sgd(0.0), False)
+
+  def loss_at(patch, targets):
+    logits, _ = model.apply({"params": params}, features, patch=patch)
+    return classification_loss(logits, targets, batch["mask"], "ce"), logits
+
+  base, base_logits = loss_at((16, 16), labels)
+  drawn_targets = jax.nn.softmax(base_logits) if distill else labels
+  expected = 0.75 * loss_at((8, 8), drawn_targets)[0] + 0.25 * base
+  step = make_train_step(model, optax.sgd(0.0), lambda _: 0.0, config, jax.random.key(2), (8, 8))
+  np.testing.assert_allclose(step(state, batch)[1]["loss"], expected, rtol=1e-5)
+  own = make_train_step(model, optax.sgd(0.0), lambda _: 0.0, config, jax.random.key(2), (16, 16))
+  np.testing.assert_allclose(own(state, batch)[1]["loss"], base, rtol=1e-5)
+
+
 @pytest.mark.slow  # two trainer runs; the default suite covers init_from (test_recipes) and patch-size steps here
 def test_flexify_an_ast_checkpoint_and_sweep_patch_sizes(tmp_path):
   source = demo.get_config("smoke")  # an ordinary AST (16x16 patches at stride 16)
@@ -100,12 +137,27 @@ def test_flexify_an_ast_checkpoint_and_sweep_patch_sizes(tmp_path):
     (dict(fstride=10, tstride=10), "need non-overlapping patches"),
     (dict(flexi_patch_sizes=(8, 200)), "patch size 200"),
     (dict(flexi_axes="freq"), "model.flexi_axes"),
+    (dict(flexi_base_weight=1.0), "flexi_base_weight=1.0 must be in"),
+    (dict(flexi_patch_sizes=(), flexi_base_weight=0.5), "set model.flexi_patch_sizes"),
+    (dict(flexi_distill=True), "set model.flexi_base_weight > 0"),
+    (dict(flexi_patch_weights=(1, 2)), "must be 3 non-negative weights"),
+    (dict(flexi_patch_weights=(0, 0, 0)), "not all zero"),
 ])
 def test_bad_flexi_configs_name_the_field(override, message):
   config = flexi_config()
   config.model.update(override)
   with pytest.raises(ConfigError, match=message):
     validate_config(config)
+
+
+def test_patch_weights_set_how_often_each_size_is_drawn():
+  config = flexi_config()
+  config.model.flexi_patch_weights = (6, 3, 1)
+  validate_config(config)
+  draws = [step_patch(config, step)[0] for step in range(3000)]
+  shares = [draws.count(size) / len(draws) for size in (8, 16, 32)]
+  np.testing.assert_allclose(shares, [0.6, 0.3, 0.1], atol=0.03)
+  assert draws == [step_patch(config, step)[0] for step in range(3000)]  # a function of (seed, step)
 
 
 def test_time_only_sizes_keep_the_frequency_size():

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 
 # Dense (non-sparse) peak FLOP/s per device from the vendors' spec sheets, matched as a substring of
 # `jax.Device.device_kind`, most specific first. "tf32" is the fp32-input tensor-core rate (used for float32 only
@@ -100,9 +101,29 @@ def config_flops(config: Any) -> dict[str, float]:
     shape = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=tokens, patch_size=(patch_size, patch_time),
                  num_patches=num_patches, num_classes=config.num_classes)
   train_flops = train_flops_per_example(**shape)
+  if config.model.get("flexi_patch_sizes"):
+    tokens, train_flops = _flexi_mean(config, shape, (patch_size, patch_time))
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, patch_size=patch_size, freq=freq, time=time,
               num_patches=num_patches, tokens=tokens, forward_flops=forward_flops(**shape), train_flops=train_flops,
               tokens_per_step=tokens * batch, train_flops_per_step=train_flops * batch)
+
+
+def _flexi_mean(config: Any, shape: dict[str, Any], stored: tuple[int, int]) -> tuple[float, float]:
+  """FlexiAST training: the expected tokens and train FLOPs per example over the drawn patch shapes, a step at a
+  shape other than the stored one adding the stored shape's forward and backward when flexi_base_weight > 0."""
+  from ast_jax.models.flexi import patch_grid_flexi
+  from ast_jax.train.trainer import flexi_patch_probs, flexi_patch_sizes
+
+  def at(patch: tuple[int, int]) -> tuple[int, float]:
+    freq, time = patch_grid_flexi(config.audio.num_mel_bins, config.audio.target_length, patch)
+    tokens = freq * time + 2
+    return tokens, train_flops_per_example(**{**shape, "num_tokens": tokens, "patch_size": patch,
+                                              "num_patches": freq * time})
+
+  base = at(stored) if config.model.get("flexi_base_weight", 0.0) else (0, 0.0)
+  costs = [np.add(at(patch), base if patch != stored else (0, 0.0)) for patch in flexi_patch_sizes(config)]
+  tokens, flops = np.average(costs, axis=0, weights=flexi_patch_probs(config))
+  return float(tokens), float(flops)
 
 
 def _dtype_name(dtype: Any) -> str:

@@ -112,9 +112,21 @@ def _flexi_problems(config: ml_collections.ConfigDict) -> list[str]:
   """FlexiAST training and patch-size sweeps: an AST with non-overlapping patches, every size fitting the input."""
   model = config.model
   train_sizes, eval_sizes = tuple(model.get("flexi_patch_sizes", ())), tuple(config.get("eval_patch_sizes", ()))
-  if not (train_sizes or eval_sizes):
-    return []
   problems = []
+  base_weight = model.get("flexi_base_weight", 0.0)
+  if not 0.0 <= base_weight < 1.0:
+    problems.append(f"model.flexi_base_weight={base_weight!r} must be in [0, 1)")
+  if (base_weight or model.get("flexi_distill", False)) and not train_sizes:
+    problems.append("model.flexi_base_weight / flexi_distill apply to FlexiAST training: set "
+                    "model.flexi_patch_sizes")
+  if model.get("flexi_distill", False) and not base_weight:
+    problems.append("model.flexi_distill learns from the stored size's predictions: set model.flexi_base_weight > 0")
+  weights = tuple(model.get("flexi_patch_weights", ()))
+  if weights and (len(weights) != len(train_sizes) or not all(w >= 0 for w in weights) or not sum(weights) > 0):
+    problems.append(f"model.flexi_patch_weights={weights!r} must be {len(train_sizes)} non-negative weights (one per "
+                    "model.flexi_patch_sizes entry), not all zero")
+  if not (train_sizes or eval_sizes):
+    return problems
   if model.get("flexi_axes", "both") not in ("both", "time"):
     problems.append(f"model.flexi_axes={model.flexi_axes!r} is not one of ('both', 'time')")
   if model.get("name", "ast") != "ast":

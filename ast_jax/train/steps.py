@@ -31,6 +31,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   audio, augment, loss_kind = config.audio.to_dict(), config.augment.to_dict(), config.train.loss
   label_smoothing, accum_steps = config.train.label_smoothing, config.train.grad_accum_steps
   patch_kwargs = {} if patch is None else {"patch": tuple(patch)}
+  # FlexiAST: at a drawn patch other than the stored one, also the loss at the stored patch (weight w), with the
+  # drawn patch learning from the labels or (flexi_distill) from the stored patch's own predictions.
+  stored = (config.model.patch_size, config.model.get("patch_time") or config.model.patch_size)
+  drawn_other = patch is not None and tuple(patch) != stored
+  base_weight = float(config.model.get("flexi_base_weight", 0.0)) if drawn_other else 0.0
+  distill = bool(config.model.get("flexi_distill", False))
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     step_rng = jax.random.fold_in(base_rng, state.step)
@@ -40,8 +46,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
     def loss_fn(params, features, labels, mask, rng):
       logits, _ = model.apply({"params": params}, features, train=True, rngs={"dropout": rng}, **patch_kwargs)
+      if base_weight:
+        base_logits, _ = model.apply({"params": params}, features, train=True, rngs={"dropout": rng})
+        base_loss = classification_loss(base_logits, labels, mask, loss_kind, label_smoothing)
+        targets = scores_from_logits(jax.lax.stop_gradient(base_logits), loss_kind) if distill else labels
+        loss = ((1.0 - base_weight) * classification_loss(logits, targets, mask, loss_kind, label_smoothing)
+                + base_weight * base_loss)
+      else:
+        loss = classification_loss(logits, labels, mask, loss_kind, label_smoothing)
       # Weighted by this micro-batch's share of the real examples, so the sum over micro-batches is the mean.
-      return classification_loss(logits, labels, mask, loss_kind, label_smoothing) * jnp.sum(mask) / total
+      return loss * jnp.sum(mask) / total
 
     grad_fn = jax.value_and_grad(loss_fn)
     inputs = (features, batch["label"], batch["mask"])

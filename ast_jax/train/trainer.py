@@ -223,11 +223,20 @@ def flexi_patch_sizes(config: ml_collections.ConfigDict) -> tuple[tuple[int, int
   return tuple((size, size) for size in sizes)
 
 
+def flexi_patch_probs(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The probability of each of `flexi_patch_sizes` per step: `model.flexi_patch_weights` normalised, or uniform."""
+  weights = np.asarray(config.model.get("flexi_patch_weights", ()) or np.ones(len(flexi_patch_sizes(config))),
+                       np.float64)
+  return weights / weights.sum()
+
+
 def step_patch(config: ml_collections.ConfigDict, step: int) -> tuple[int, int]:
-  """The patch shape of training step `step`: uniform over `flexi_patch_sizes`, a function of (seed, step), so a
-  resumed run draws the same shapes."""
-  shapes = flexi_patch_sizes(config)
-  return shapes[int(np.random.default_rng([config.seed & 0xFFFFFFFF, step, 11]).integers(len(shapes)))]
+  """The patch shape of training step `step`, drawn from `flexi_patch_sizes` (uniform, or by
+  `flexi_patch_weights`) as a function of (seed, step), so a resumed run draws the same shapes."""
+  shapes, rng = flexi_patch_sizes(config), np.random.default_rng([config.seed & 0xFFFFFFFF, step, 11])
+  if not config.model.get("flexi_patch_weights", ()):
+    return shapes[int(rng.integers(len(shapes)))]
+  return shapes[int(rng.choice(len(shapes), p=flexi_patch_probs(config)))]
 
 
 class PatchSteps:
