@@ -21,6 +21,12 @@ do; 8 x frames/16 tokens), packed into 2 rows of 160 tokens (about 34 clips per 
 10 % token dropout; fractional time positions (a clip spans the time table whatever its length or q); 90 epochs,
 which cost less training compute than the AST's 30 (packed clips have ~9 real tokens each at mixed q).
 Both recipes sweep length caps and resolutions after training (`eval_sweep`).
+
+FlexiAST (`:flexi`), from scratch in the AST's 30 epochs: the stored 16x16 kernel PI-resized to the size drawn per
+step, 8 drawn 8 times as often as each other size (8 is the hardest size to share: 96 tokens of a 2x finer view),
+and every step at a size other than 16 also takes the loss at 16 (`flexi_base_weight=0.5`: without it, sizes drawn
+uniformly from scratch stayed near chance for ten epochs). Expected training compute 1.57 GFLOP per example
+(bench/flops.py), against 1.70 for `:patch8` and 0.43 for `:patch16`. Every model is swept over the seven sizes.
 """
 
 import os
@@ -62,7 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     size = {"flexi": 16, "patch8": 8, "patch16": 16}[arg]
     config.model.update(patch_size=size, fstride=size, tstride=size)
     if arg == "flexi":
-      config.model.flexi_patch_sizes = (8, 10, 12, 16, 20, 24, 32)
+      config.model.update(flexi_patch_sizes=(8, 10, 12, 16, 20, 24, 32), flexi_patch_weights=(8, 1, 1, 1, 1, 1, 1),
+                          flexi_base_weight=0.5)
     config.eval_sweep.update(lengths=(), resolutions=())
     config.eval_patch_sizes = (8, 10, 12, 16, 20, 24, 32)
   if arg in ("smoke", "elastic_smoke"):

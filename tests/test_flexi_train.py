@@ -160,6 +160,17 @@ def test_patch_weights_set_how_often_each_size_is_drawn():
   assert draws == [step_patch(config, step)[0] for step in range(3000)]  # a function of (seed, step)
 
 
+@pytest.mark.parametrize("arg", [None, "speaker", "elastic", "flexi", "patch8", "patch16"])
+def test_fsdd_recipes_validate(arg):
+  from configs import fsdd
+
+  config = fsdd.get_config(arg)
+  validate_config(config)
+  if arg == "flexi":  # sizes drawn by weight, the stored 16x16 loss at every other size
+    assert config.model.flexi_patch_sizes[0] == 8 and config.model.flexi_base_weight > 0
+    assert {step_patch(config, step) for step in range(200)} == {(s, s) for s in config.eval_patch_sizes}
+
+
 def test_time_only_sizes_keep_the_frequency_size():
   from ast_jax.train.sweep import patch_shape_of
 
