@@ -114,6 +114,7 @@ def test_sweep_cli_writes_csv(tmp_path):
   assert (tmp_path / "bench.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # 8 s; test_sweep_cli_writes_csv keeps the bench command in the default suite
 def test_sweep_compares_with_torch(tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")

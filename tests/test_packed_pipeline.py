@@ -2,6 +2,7 @@
 position (so restoring the position restores the stream), and slots hold the clips' own waveforms."""
 
 import numpy as np
+import pytest
 
 from ast_jax.data.demo import demo_sources
 from ast_jax.data.packed import PackedBatches, PackedPlans, PackingSpec, clip_lengths
@@ -58,6 +59,7 @@ def test_slots_hold_the_clips_waveforms():
   assert np.all(batch["waveform"][row, slot, len(waveform):] == 0)
 
 
+@pytest.mark.slow  # 11 s; the slow FSDD ElasticAST acceptance run and test_elastic_train cover training too
 def test_elastic_ast_learns_from_packed_demo_batches():
   import flax.linen as nn
   import jax

@@ -45,6 +45,7 @@ def test_remat_policies_give_the_same_gradients(policy):
   assert_trees_close(remat_grads, grads, 1e-5)
 
 
+@pytest.mark.slow  # 14 s on 2 cores; the default suite keeps the default-suite margin under 10 minutes
 def test_scanned_layers_match_unscanned_and_convert_both_ways():
   x = spectrogram()
   params = jax.device_get(init_params(AST(**SMALL), jax.random.key(0), x))
@@ -68,6 +69,7 @@ def test_scanned_layers_match_unscanned_and_convert_both_ways():
     np.testing.assert_array_equal(timm_scanned[name], timm_plain[name])
 
 
+@pytest.mark.slow  # 16 s; test_model.py keeps a bfloat16 forward check in the default suite
 def test_bfloat16_compute_keeps_float32_master_weights():
   x = spectrogram()
   params = init_params(AST(**SMALL, dtype=jnp.bfloat16), jax.random.key(0), x)
