@@ -111,8 +111,7 @@ def config_flops(config: Any) -> dict[str, float]:
 def _flexi_mean(config: Any, shape: dict[str, Any], stored: tuple[int, int]) -> tuple[float, float]:
   """FlexiAST training: the expected tokens and train FLOPs per example over the drawn patch shapes, a step at a
   shape other than the stored one adding the stored shape's forward and backward when flexi_base_weight > 0."""
-  from ast_jax.models.flexi import patch_grid_flexi
-  from ast_jax.train.trainer import flexi_patch_probs, flexi_patch_sizes
+  from ast_jax.models.flexi import flexi_patch_probs, flexi_patch_sizes, patch_grid_flexi
 
   def at(patch: tuple[int, int]) -> tuple[int, float]:
     freq, time = patch_grid_flexi(config.audio.num_mel_bins, config.audio.target_length, patch)

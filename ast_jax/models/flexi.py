@@ -14,6 +14,7 @@ kernel `[patch_h (frequency), patch_w (time), in, width]`, tokens frequency-majo
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -145,3 +146,19 @@ def flexi_patch_embed(spectrogram: jax.Array, kernel: jax.Array, bias: jax.Array
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
   patches = patches + jnp.asarray(bias).astype(dtype)
   return patches.reshape(batch, freq * time, weights.shape[-1])
+
+
+def flexi_patch_sizes(config: Any) -> tuple[tuple[int, int], ...]:
+  """FlexiAST's training patch shapes (frequency, time): `model.flexi_patch_sizes`, square or, with
+  `model.flexi_axes='time'`, time-only (frequency fixed at `model.patch_size`). Empty: an ordinary AST."""
+  sizes = tuple(int(size) for size in config.model.get("flexi_patch_sizes", ()))
+  if config.model.get("flexi_axes", "both") == "time":
+    return tuple((config.model.patch_size, size) for size in sizes)
+  return tuple((size, size) for size in sizes)
+
+
+def flexi_patch_probs(config: Any) -> np.ndarray:
+  """The probability of each of `flexi_patch_sizes` per step: `model.flexi_patch_weights` normalised, or uniform."""
+  weights = np.asarray(config.model.get("flexi_patch_weights", ()) or np.ones(len(flexi_patch_sizes(config))),
+                       np.float64)
+  return weights / weights.sum()

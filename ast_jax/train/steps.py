@@ -33,8 +33,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   patch_kwargs = {} if patch is None else {"patch": tuple(patch)}
   # FlexiAST: at a drawn patch other than the stored one, also the loss at the stored patch (weight w), with the
   # drawn patch learning from the labels or (flexi_distill) from the stored patch's own predictions.
-  stored = (config.model.patch_size, config.model.get("patch_time") or config.model.patch_size)
-  drawn_other = patch is not None and tuple(patch) != stored
+  drawn_other = patch is not None and tuple(patch) != model_patch(config)
   base_weight = float(config.model.get("flexi_base_weight", 0.0)) if drawn_other else 0.0
   distill = bool(config.model.get("flexi_distill", False))
 
@@ -127,8 +126,8 @@ def packed_patches(batch: Batch, audio: dict[str, Any], patch: int | tuple[int, 
   return gather_packed(slots, batch["segment_ids"], batch["freq_positions"], batch["time_positions"])
 
 
-def elastic_patch(config: Any) -> tuple[int, int]:
-  """ElasticAST's (frequency, time) patch size: `model.patch_size`, and `model.patch_time` when set."""
+def model_patch(config: Any) -> tuple[int, int]:
+  """The model's stored (frequency, time) patch size: `model.patch_size`, and `model.patch_time` when set."""
   return config.model.patch_size, config.model.get("patch_time") or config.model.patch_size
 
 
@@ -141,7 +140,7 @@ def make_packed_train_step(model: nn.Module, tx: optax.GradientTransformation, s
                            ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """The ElasticAST step on packed batches (ast_jax/data/packed.py): the loss averages over real clips only."""
   audio, augment, loss_kind = config.audio.to_dict(), config.augment.to_dict(), config.train.loss
-  label_smoothing, patch = config.train.label_smoothing, elastic_patch(config)
+  label_smoothing, patch = config.train.label_smoothing, model_patch(config)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(base_rng, state.step))
@@ -169,7 +168,7 @@ def make_packed_train_step(model: nn.Module, tx: optax.GradientTransformation, s
 def make_packed_eval_step(model: nn.Module, config: Any) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   """ElasticAST evaluation on packed batches: per-clip scores `[rows, max_clips, classes]`, the loss summed over
   real clips and the clip mask (scores of empty slots are to be dropped with it)."""
-  audio, loss_kind, patch = config.audio.to_dict(), config.train.loss, elastic_patch(config)
+  audio, loss_kind, patch = config.audio.to_dict(), config.train.loss, model_patch(config)
 
   def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
     patches = packed_patches(batch, audio, patch)

@@ -18,6 +18,7 @@ from ast_jax.convert import model_dir
 from ast_jax.convert.init import initial_params
 from ast_jax.data.inputs import build_input, is_packed
 from ast_jax.models import build_model, example_inputs
+from ast_jax.models.flexi import flexi_patch_probs, flexi_patch_sizes
 from ast_jax.bench.flops import config_flops, peak_flops_per_device
 from ast_jax.models.layers import to_layout, unscan_layers
 from ast_jax.parallel import (batch_sharding, create_sharded, data_parallel_size, global_batch, logical_rules,
@@ -212,22 +213,6 @@ def param_shardings(config: ml_collections.ConfigDict, mesh: Any, rules: Any) ->
   with partitioning(mesh, rules):
     abstract = jax.eval_shape(lambda rng: model.init(rng, *example_inputs(config))["params"], jax.random.key(0))
     return shardings_of(abstract, mesh, rules)
-
-
-def flexi_patch_sizes(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
-  """FlexiAST's training patch shapes (frequency, time): `model.flexi_patch_sizes`, square or, with
-  `model.flexi_axes='time'`, time-only (frequency fixed at `model.patch_size`). Empty: an ordinary AST."""
-  sizes = tuple(int(size) for size in config.model.get("flexi_patch_sizes", ()))
-  if config.model.get("flexi_axes", "both") == "time":
-    return tuple((config.model.patch_size, size) for size in sizes)
-  return tuple((size, size) for size in sizes)
-
-
-def flexi_patch_probs(config: ml_collections.ConfigDict) -> np.ndarray:
-  """The probability of each of `flexi_patch_sizes` per step: `model.flexi_patch_weights` normalised, or uniform."""
-  weights = np.asarray(config.model.get("flexi_patch_weights", ()) or np.ones(len(flexi_patch_sizes(config))),
-                       np.float64)
-  return weights / weights.sum()
 
 
 def step_patch(config: ml_collections.ConfigDict, step: int) -> tuple[int, int]:
