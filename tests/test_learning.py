@@ -58,10 +58,10 @@ def test_elastic_ast_learns_two_digits_at_native_lengths(tmp_path):
   config.model.update(width=96, depth=3, num_heads=3)
   config.packing.update(rows=1, eval_rows=2)  # about 17 clips per step, as the AST run's batch of 16
   config.optim.update(warmup_steps=20)
-  config.train.update(epochs=12, progress_bar=False, tensorboard=False)
+  config.train.update(epochs=16, progress_bar=False, tensorboard=False)
   config.eval_sweep.update(lengths=(), resolutions=(1.0, 2.5))
   record = train_and_evaluate(config, str(tmp_path / "work"))
-  assert record["num_examples"] == 60 and record["accuracy"] >= 0.75, record  # chance: 0.5
+  assert record["num_examples"] == 60 and record["accuracy"] >= 0.8, record  # chance: 0.5
   assert record["packing_efficiency"] > 0.9
   sweep = (tmp_path / "work" / "sweep.csv").read_text().splitlines()
   assert len(sweep) == 3
