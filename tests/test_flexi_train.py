@@ -56,8 +56,11 @@ def test_ast_runs_at_every_patch_size_and_its_own_size_is_unchanged():
     assert intermediates["tokens"].shape[1] == 2 + (64 // patch[0]) * (128 // patch[1])
   overlapping = AST(num_classes=4, width=32, depth=1, num_heads=2, patch_size=16, fstride=10, tstride=10)
   overlap_variables = overlapping.init(jax.random.key(1), spectrogram)
-  with pytest.raises(ValueError, match="non-overlapping"):
-    overlapping.apply(overlap_variables, spectrogram, patch=(8, 8))
+  # An overlapping model keeps its overlap ratio: strides (10, 10) become (10, 20) at 16 x 32 patches.
+  _, intermediates = overlapping.apply(overlap_variables, spectrogram, patch=(16, 32))
+  assert intermediates["tokens"].shape[1] == 2 + ((64 - 16) // 10 + 1) * ((128 - 32) // 20 + 1)
+  with pytest.raises(ValueError, match="whole number"):  # stride 10 at 12 / 16 of the patch: 7.5
+    overlapping.apply(overlap_variables, spectrogram, patch=(12, 12))
 
 
 def flexi_config(**train):

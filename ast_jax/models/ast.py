@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ast_jax.models.flexi import patch_grid_flexi, resize_patch_kernel, resize_pos_grid
+from ast_jax.models.flexi import resize_patch_kernel, resize_pos_grid, scaled_strides
 from ast_jax.models.vit import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, Dtype, Encoder, dense, layer_norm,
                                 trunc_normal, with_names)
 
@@ -38,7 +38,7 @@ def patch_grid(mel_bins: int, frames: int, patch_size: int, fstride: int, tstrid
 
 class PatchProjection(nn.Module):
   """The patch conv (`kernel` `[patch_freq, patch_time, 1, width]`, `bias`), as `nn.Conv` computes it; at another
-  patch shape its kernel is PI-resized (FlexiAST, `models/flexi.py`) and the stride is that shape."""
+  patch shape its kernel is PI-resized (FlexiAST, `models/flexi.py`) and each stride scaled with its patch side."""
 
   width: int
   shape: tuple[int, int]
@@ -52,7 +52,7 @@ class PatchProjection(nn.Module):
     bias = self.param("bias", with_names(nn.initializers.zeros_init(), "embed"), (self.width,))
     strides = self.strides
     if patch is not None and tuple(patch) != tuple(self.shape):
-      kernel, strides = resize_patch_kernel(kernel, tuple(patch)), tuple(patch)
+      kernel, strides = resize_patch_kernel(kernel, tuple(patch)), scaled_strides(self.shape, strides, patch)
     image, kernel, bias = nn.dtypes.promote_dtype(image, kernel, bias, dtype=self.dtype)
     out = jax.lax.conv_general_dilated(image, kernel, strides, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return out + bias
@@ -60,8 +60,8 @@ class PatchProjection(nn.Module):
 
 class PatchEmbed(nn.Module):
   """Conv patches (overlapping when the strides are smaller than the patch) on the [batch, mel_bins (height),
-  frames (width), 1] image; frequency-major tokens. `patch` (frequency, time) runs non-overlapping patches of that
-  shape with the PI-resized kernel instead."""
+  frames (width), 1] image; frequency-major tokens. `patch` (frequency, time) runs patches of that shape with the
+  PI-resized kernel instead, the strides scaled with the patch (`models/flexi.py:scaled_strides`)."""
 
   width: int
   patch_size: int = 16
@@ -104,19 +104,18 @@ class AST(nn.Module):
   @nn.compact
   def __call__(self, spectrogram: jax.Array, *, train: bool = False, patch: tuple[int, int] | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`patch` (frequency, time), static: run at another patch shape (FlexiAST): non-overlapping patches of that
-    shape, the patch kernel PI-resized to it and the positional grid resized (bilinear, antialias) to its grid.
-    Needs a model with non-overlapping patches (strides = patch size)."""
+    """`patch` (frequency, time), static: run at another patch shape (FlexiAST): patches of that shape, the patch
+    kernel PI-resized to it, each stride scaled with its patch side (non-overlapping patches stay non-overlapping;
+    an overlapping model keeps its overlap ratio and needs whole scaled strides), and the positional grid resized
+    (bilinear, antialias) to the new grid."""
     batch, frames, mel_bins = spectrogram.shape
     own = (self.patch_size, self.patch_time or self.patch_size)
     patch = None if patch is None or tuple(patch) == own else tuple(int(size) for size in patch)
     freq, time = patch_grid(mel_bins, frames, self.patch_size, self.fstride, self.tstride, self.patch_time)
     if patch is not None:
-      if (self.fstride, self.tstride) != own:
-        raise ValueError(f"running at patch {patch} needs non-overlapping patches (strides {self.fstride}, "
-                         f"{self.tstride} = patch {own})")
       base_grid = (freq, time)
-      freq, time = patch_grid_flexi(mel_bins, frames, patch)
+      freq, time = patch_grid(mel_bins, frames, patch[0], *scaled_strides(own, (self.fstride, self.tstride), patch),
+                              patch[1])
     tokens = PatchEmbed(self.width, self.patch_size, self.fstride, self.tstride, self.dtype, self.patch_time,
                         name="patch_embed")(spectrogram.astype(self.dtype), patch)
     cls_token = self.param("cls_token", with_names(trunc_normal, None, None, "embed"), (1, 1, self.width))

@@ -128,6 +128,21 @@ def patch_grid_flexi(mel_bins: int, frames: int, patch: int | tuple[int, int]) -
   return mel_bins // patch_h, frames // patch_w
 
 
+def scaled_strides(own_patch: tuple[int, int], own_strides: tuple[int, int],
+                   patch: tuple[int, int]) -> tuple[int, int]:
+  """The strides of the stored patch conv run at another patch shape: each stride scaled with its patch side, so
+  the overlap ratio is kept (non-overlapping stays non-overlapping: stride = patch). Raises ValueError when a
+  scaled stride is not a whole number of bins or frames."""
+  strides = []
+  for stride, own, new, axis in zip(own_strides, own_patch, patch, ("frequency", "time")):
+    if (stride * new) % own:
+      raise ValueError(f"patch {tuple(patch)} does not scale the {axis} stride {stride} of the stored {own_patch[0]}x"
+                       f"{own_patch[1]} patch to a whole number ({stride} * {new} / {own}); use a size that does, or "
+                       "non-overlapping patches (strides = patch size)")
+    strides.append(stride * new // own)
+  return strides[0], strides[1]
+
+
 def flexi_patch_embed(spectrogram: jax.Array, kernel: jax.Array, bias: jax.Array,
                       patch: int | tuple[int, int]) -> jax.Array:
   """spectrogram `[batch, frames, mel_bins]` -> tokens `[batch, freq * time, width]`, frequency-major.
