@@ -28,6 +28,21 @@ def _field(config: Any, name: str, default: Any = dataclasses.MISSING) -> Any:
     return default
 
 
+TIME_POOLS = ("none", "avg", "max")
+
+
+def pool_time(fbank: jax.Array, kind: str, factor: int) -> jax.Array:
+  """`[batch, frames, mel_bins]` -> `[batch, frames // factor, mel_bins]`: average or max over non-overlapping
+  windows of `factor` frames (kernel = stride = factor); frames past the last whole window are dropped."""
+  if kind == "none" or factor == 1:
+    return fbank
+  batch, frames, mel_bins = fbank.shape
+  if frames < factor:
+    raise ValueError(f"{frames} frames are fewer than one pooling window of {factor}")
+  windows = fbank[:, :frames // factor * factor].reshape(batch, frames // factor, factor, mel_bins)
+  return jnp.mean(windows, axis=2) if kind == "avg" else jnp.max(windows, axis=2)
+
+
 @dataclasses.dataclass(frozen=True)
 class FrontEnd:
   """The `config.audio` fields that shape the model input, hashable so jit can hold them static."""
@@ -45,14 +60,31 @@ class FrontEnd:
   target_length: int  # frames
   mean: float
   std: float
+  # Temporal compression (multi-phase training, REFERENCE.md 4): 'avg' or 'max' pooling along time with
+  # kernel = stride = time_pool_factor after normalisation; the model sees target_length // factor frames.
+  time_pool: str = "none"
+  time_pool_factor: int = 1
 
   @classmethod
   def from_config(cls, audio: Mapping[str, Any] | FrontEnd) -> FrontEnd:
     if isinstance(audio, FrontEnd):
       return audio
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
     cast = {"int": int, "float": float, "str": str, "bool": bool}
-    return cls(**{name: cast[kind](_field(audio, name)) for name, kind in types.items()})
+    values = {}
+    for field in dataclasses.fields(cls):
+      has_default = field.default is not dataclasses.MISSING  # fields added later: optional in older configs
+      values[field.name] = cast[field.type](_field(audio, field.name, field.default if has_default
+                                                   else dataclasses.MISSING))
+    front = cls(**values)
+    if front.time_pool not in TIME_POOLS or front.time_pool_factor < 1:
+      raise ValueError(f"audio.time_pool={front.time_pool!r} / time_pool_factor={front.time_pool_factor!r}: the pool "
+                       f"is one of {TIME_POOLS} and the factor a positive int")
+    return front
+
+  @property
+  def frames(self) -> int:
+    """The frames the model sees: `target_length`, divided by the pooling factor when pooling along time."""
+    return self.target_length // self.time_pool_factor if self.time_pool != "none" else self.target_length
 
   def fbank_options(self) -> FbankOptions:
     """The upstream AST call: torchaudio kaldi.fbank with htk_compat=True, use_energy=False."""
@@ -116,7 +148,7 @@ def _model_input(waveforms, num_samples, rng, front: FrontEnd, spec: AugmentSpec
     noise_key, roll_key = jax.random.split(keys[2])
     fbank = augment_lib.add_noise(noise_key, fbank) if spec.noise else fbank
     fbank = augment_lib.roll_time(roll_key, fbank, spec.roll)
-  return fbank
+  return pool_time(fbank, front.time_pool, front.time_pool_factor)
 
 
 def model_input(
@@ -127,7 +159,9 @@ def model_input(
     augment: Mapping[str, Any] | AugmentSpec | None = None,
     rng: jax.Array | None = None,
 ) -> jax.Array:
-  """Waveforms `[batch, samples]` -> float32 `[batch, target_length, mel_bins]`; clip i ends at `num_samples[i]`.
+  """Waveforms `[batch, samples]` -> float32 `[batch, frames, mel_bins]`; clip i ends at `num_samples[i]`.
+  `frames` is `target_length`, or `target_length // time_pool_factor` with `audio.time_pool` ('avg' or 'max':
+  pooled along time after everything else, the coarse input of multi-phase training).
 
   `audio` is `config.audio` and `augment` is `config.augment` (both read once into hashable form; callable
   inside jit). Augmentation runs only when both `augment` and `rng` are given (training); `rng` also feeds

@@ -33,7 +33,10 @@ def example_inputs(config: Any) -> tuple[jax.Array, ...]:
     zeros = jnp.zeros((1, tokens), jnp.int32)
     return (jnp.zeros((1, tokens, values), jnp.float32), jnp.ones((1, tokens), jnp.int32), zeros, zeros,
             jnp.ones((1, config.packing.max_clips), jnp.int32))
-  return (jnp.zeros((1, config.audio.target_length, config.audio.num_mel_bins), jnp.float32),)
+  from ast_jax.audio.features import FrontEnd
+
+  frames = FrontEnd.from_config(config.audio).frames  # pooled along time in a coarse training phase
+  return (jnp.zeros((1, frames, config.audio.num_mel_bins), jnp.float32),)
 
 
 def init_params(model: nn.Module, rng: jax.Array, spectrogram: jax.Array) -> Any:
