@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
       target_length=1024,  # frames
       mean=AUDIOSET_STATS[0],
       std=AUDIOSET_STATS[1],
+      # none | avg | max: pool along time (kernel = stride = time_pool_factor) after normalisation, so the model
+      # sees target_length // time_pool_factor frames (a coarse phase of multi-phase training sets these).
+      time_pool="none",
+      time_pool_factor=1,
   ))
 
   # Data: which source, how it is read, and the sampler. Paths are resolved relative to the working directory.
@@ -100,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
       # (0: off; 0.5: the two losses averaged, as the "sandwich" of weight-sharing networks).
       flexi_base_weight=0.0,
       flexi_distill=False,  # with flexi_base_weight: the drawn size learns the stored size's own predictions
+      # (frequency, time): train and evaluate the stored kernel at this patch shape (PI-resized, strides scaled
+      # with it, positional grid resized); empty: the stored shape. A 'patch' training phase sets it.
+      run_patch=(),
   ))
   # Weights to start from instead of a random initialisation: 'imagenet:/path' (timm DeiT/ViT .pth/.npz/
   # .safetensors), 'original:/path.pth' (upstream AST), 'hf:/dir' (ASTForAudioClassification), 'ast_jax:/dir'.
@@ -137,6 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
       tensorboard=True,
       max_steps=0,  # > 0: stop after this many steps (the schedule stays the full run's); 0: run every epoch
       grad_accum_steps=1,  # split each batch into this many micro-batches, one update per batch
+      # Multi-phase coarse-to-fine training (ast_jax/train/phases.py): 'method:factor:epochs[:optim_field=value]'
+      # phases separated by commas, e.g. 'avg_pool:2:20, full:1:10'; methods full, frame_shift, avg_pool,
+      # max_pool, patch. The epochs add up to train.epochs. Empty: one phase at full resolution.
+      phases="",
       peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0: look the device kind up (ast_jax/bench/flops.py)
   ))
 

@@ -79,7 +79,9 @@ def config_flops(config: Any) -> dict[str, float]:
   For ElasticAST an "example" is a packed row of `packing.row_tokens` tokens, counted whole: padding tokens and
   attention between clips of a row are computed by the dense kernels, so they are counted too.
   """
+  from ast_jax.audio.features import FrontEnd
   from ast_jax.models.ast import model_kwargs, patch_grid
+  from ast_jax.models.flexi import scaled_strides
 
   kwargs = model_kwargs(config.model)
   width, depth = kwargs["width"], kwargs["depth"]
@@ -95,8 +97,13 @@ def config_flops(config: Any) -> dict[str, float]:
                  num_patches=num_patches, num_classes=config.num_classes * config.packing.max_clips)
   else:
     patch_time = kwargs.get("patch_time") or patch_size
-    freq, time = patch_grid(config.audio.num_mel_bins, config.audio.target_length, patch_size,
-                            kwargs.get("fstride", 10), kwargs.get("tstride", 10), patch_time)
+    strides = kwargs.get("fstride", 10), kwargs.get("tstride", 10)
+    if config.model.get("run_patch"):  # the stored kernel run at another shape (a 'patch' training phase)
+      run_patch = tuple(config.model.run_patch)
+      strides = scaled_strides((patch_size, patch_time), strides, run_patch)
+      patch_size, patch_time = run_patch
+    frames = FrontEnd.from_config(config.audio).frames  # pooled along time in a coarse phase
+    freq, time = patch_grid(config.audio.num_mel_bins, frames, patch_size, *strides, patch_time)
     tokens, num_patches, batch = freq * time + 2, freq * time, config.data.batch_size
     shape = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_tokens=tokens, patch_size=(patch_size, patch_time),
                  num_patches=num_patches, num_classes=config.num_classes)

@@ -6,6 +6,8 @@ from typing import Any
 
 import ml_collections
 
+from ast_jax.train.phases import phases_problems
+
 CHOICES = {
     "data.source": ("demo", "folder", "datafile", "esc50", "speechcommands"),
     "data.on_bad_audio": ("error", "skip"),
@@ -73,8 +75,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   elif config.model.name == "elastic":
     problems += _packing_problems(config)
   problems += _flexi_problems(config)
+  problems += _front_end_problems(config)
+  problems += phases_problems(config)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _front_end_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Time pooling and a run patch: valid values, a model input they leave at least one patch of."""
+  from ast_jax.audio.features import TIME_POOLS
+
+  audio, model, problems = config.audio, config.model, []
+  pool, factor = audio.get("time_pool", "none"), audio.get("time_pool_factor", 1)
+  if pool not in TIME_POOLS or not (isinstance(factor, int) and factor >= 1):
+    problems.append(f"audio.time_pool={pool!r} / time_pool_factor={factor!r}: the pool is one of {TIME_POOLS} and "
+                    "the factor a positive int")
+  elif pool != "none" and model.get("name", "ast") != "ast":
+    problems.append("audio.time_pool applies to model.name='ast' (fixed-length input)")
+  run_patch = tuple(model.get("run_patch", ()))
+  if run_patch and (len(run_patch) != 2 or model.get("name", "ast") != "ast" or model.get("flexi_patch_sizes")):
+    problems.append(f"model.run_patch={run_patch!r} must be (frequency, time) sizes of an AST without "
+                    "model.flexi_patch_sizes")
+  elif not problems and (run_patch or pool != "none") and model.get("name", "ast") == "ast":
+    from ast_jax.bench.flops import config_flops
+
+    try:
+      config_flops(config)  # the patch grid of the (pooled) input at the (run) patch
+    except ValueError as error:
+      problems.append(f"model input: {error}")
+  return problems
 
 
 def _mesh_problems(config: ml_collections.ConfigDict) -> list[str]:

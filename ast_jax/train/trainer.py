@@ -29,6 +29,7 @@ from ast_jax.train.checkpoint import Checkpointer
 from ast_jax.train.config_checks import ConfigError, validate_config
 from ast_jax.train.metrics import classification_metrics
 from ast_jax.train.optim import make_optimizer, make_schedule
+from ast_jax.train.phases import PhasePlan, carry_params, phase_of_checkpoint, plan_phases
 from ast_jax.train.steps import make_eval_step, make_packed_eval_step, make_packed_train_step, make_train_step
 from ast_jax.train.sweep import run_sweep
 from ast_jax.train.writers import MetricsWriter, Progress
@@ -37,7 +38,12 @@ log = logging.getLogger(__name__)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the last evaluation record."""
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the last evaluation record.
+
+  A multi-phase run (`train.phases`, train/phases.py) trains its phases one after another in one step count; a
+  single-phase run is one full-resolution phase. Every evaluation record carries the training FLOPs (analytic) and
+  seconds spent so far in each phase.
+  """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   try:
@@ -47,131 +53,200 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rules = logical_rules(config.sharding_rules)
   check_batch_divides(config, mesh)
 
-  # Input: each process reads its block of every global batch (fixed-length clips, or packed rows of clips).
+  # Input: each process reads its block of every global batch (fixed-length clips, or packed rows of clips). The
+  # same waveforms feed every phase: the front end, where a phase compresses time, runs inside the step.
   sources = data_lib.build_sources(config)
   inputs = build_input(config, sources)
   steps_per_epoch = inputs.steps_per_epoch
-  schedule_steps = config.train.epochs * steps_per_epoch
-  # max_steps stops early (benchmarks, tests, a staged run); the schedule is always the full run's.
+  plans = plan_phases(config, steps_per_epoch)
+  # max_steps stops early (benchmarks, tests, a staged run); the schedules are always the full run's.
+  schedule_steps = plans[-1].end_step
   total_steps = min(schedule_steps, config.train.max_steps) if config.train.max_steps else schedule_steps
   host = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-  train_iter = inputs.train_iterator(config.seed, **host)
+  run = _Run(config, workdir, mesh, rules, sources, inputs, plans, total_steps, host)
 
-  # Model, optimiser and state, created directly in their shards.
-  model = build_model(config)
-  schedule = make_schedule(config.optim, steps_per_epoch, schedule_steps)
-  tx = make_optimizer(config.optim, schedule)
-  first_avg, last_avg = config.train.average_weights
-  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  state, state_shardings = initial_state(config, model, tx, mesh, rules, init_rng)
-  flops = config_flops(config)
-  peak = peak_flops_per_device(jax.devices()[0], config.model.dtype, config.train.peak_flops)
-  log.info("model %s: %.2f M parameters, %d tokens, %.1f GFLOP per training %s; mesh %s; %d steps per "
-           "epoch, %d steps", config.model.name, sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
-           flops["tokens"], flops["train_flops"] / 1e9, "row" if inputs.packed else "example", dict(mesh.shape),
-           steps_per_epoch, total_steps)
-
-  # Steps, jitted once, traced under the mesh and the logical axis rules.
-  data_sharding = batch_sharding(mesh)
-  make_train, make_eval = ((make_packed_train_step, make_packed_eval_step) if inputs.packed
-                           else (make_train_step, make_eval_step))
-
-  def compile_train_step(*patch: tuple[int, int]) -> Any:
-    return sharded_jit(make_train(model, tx, schedule, config, train_rng, *patch), mesh, rules,
-                       in_shardings=(state_shardings, data_sharding),
-                       out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
-
-  # FlexiAST: a patch shape drawn per step, one compiled step per shape (each compiled on first use, then reused).
-  flexi_steps = PatchSteps(compile_train_step) if flexi_patch_sizes(config) else None
-  train_step = None if flexi_steps else compile_train_step()
-  eval_step = sharded_jit(make_eval(model, config), mesh, rules, in_shardings=(state_shardings.params, data_sharding))
-
-  # Restore.
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-  restored = checkpointer.restore(state, train_iter)
-  if restored is not None:
-    state, _ = restored
-  start_step = int(state.step)
-  writer = MetricsWriter(workdir, resume_step=start_step, tensorboard=config.train.tensorboard,
-                         enabled=jax.process_index() == 0)
-  run_meta = {"config": config.to_json_best_effort(), "label_names": list(sources.label_names),
-              "skipped_files": sources.skipped_files}
-  packing_stats = getattr(inputs, "efficiency", {})
-
-  def evaluate(params: Any, step: int, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
-    record = {"epoch": epoch, "step": step, **evaluate_params(eval_step, params, inputs.eval_batches(**host), mesh),
-              **extra, **packing_stats, "skipped_files": sources.skipped_files}
-    writer.write_record(record)
-    log.info("eval epoch %d step %d: %s", epoch, step, _summary(record))
+  record: dict[str, Any] = run.writer.last_record() or {}
+  first_avg = config.train.average_weights[0]
+  if run.latest_step >= total_steps and record and (first_avg == 0 or record.get("weights") == "averaged"):
+    log.info("the run in %s is complete (step %d); nothing to do", workdir, run.latest_step)
+    run.close()
     return record
 
-  record: dict[str, Any] = writer.last_record() or {}
-  epoch_stats = {key: record[key] for key in ("train_loss", "lr", "examples_per_sec", "tokens_per_sec", "mfu",
-                                                "train_packing_efficiency")
-                 if key in record}
-  if start_step >= total_steps and record and (first_avg == 0 or record.get("weights") == "averaged"):
-    log.info("the run in %s is complete (step %d); nothing to do", workdir, start_step)
-    return record
+  # Phases, from the one that wrote the latest checkpoint; the weights carry from each phase to the next.
+  state, carried, final_plan = None, None, plans[0]
+  for plan in plans[phase_of_checkpoint(plans, run.latest_step):]:
+    if plan.first_step >= total_steps and plan.index > 0:
+      break
+    final_plan = plan
+    state, record, shardings = run.phase(plan, carried, len(plans))
+    if plan.index + 1 < len(plans) and int(state.step) == plan.end_step:
+      carried = carry_params(to_host(state.params), plan.config, plans[plan.index + 1].config)
+  run.progress.close()
 
-  # Loop.
-  progress = Progress(total_steps, start_step, config.train.log_every_steps, config.train.progress_bar)
-  epoch_start_time, epoch_start_step, last_loss = time.perf_counter(), start_step, None
-  logged_efficiency: list[float] = []  # packed batches' measured share of real tokens, at the logged steps
-  throughput = Throughput(inputs.examples_per_step, flops["tokens_per_step"], flops["train_flops_per_step"], peak,
-                          jax.device_count())
-  for step in range(start_step, total_steps):
-    batch = global_batch(mesh, next(train_iter))
-    if flexi_steps is not None:
-      state, metrics = flexi_steps(step_patch(config, step), state, batch)
-    else:
-      state, metrics = train_step(state, batch)
-    done, epoch = step + 1, step // steps_per_epoch + 1
-    if done % config.train.log_every_steps == 0 or done == total_steps:
-      last_loss = float(metrics["loss"])  # waits for the step, so the interval's rate is measured
-      if not np.isfinite(last_loss):
-        raise FloatingPointError(f"training loss is {last_loss} at step {done}; the last checkpoint is intact")
-      scalars = {"train/loss": last_loss, "train/lr": float(metrics["lr"]),
-                 "train/grad_norm": float(metrics["grad_norm"]), **throughput.interval(done)}
-      if "packing_efficiency" in metrics:
-        scalars["train/packing_efficiency"] = float(metrics["packing_efficiency"])
-        logged_efficiency.append(scalars["train/packing_efficiency"])
-      writer.write_scalars(done, scalars)
-    rate = (done - epoch_start_step) * inputs.examples_per_step / max(time.perf_counter() - epoch_start_time, 1e-9)
-    progress.update(done, epoch, last_loss, rate)
-    if done % steps_per_epoch == 0 or done == total_steps:  # an epoch's end, or the last (max_steps) step
-      jax.block_until_ready(state)
-      epoch_seconds = time.perf_counter() - epoch_start_time
-      if first_avg <= epoch <= last_avg:
-        state = state_lib.accumulate_average(state)
-      train_loss = float(state.epoch_loss_sum / jnp.maximum(state.epoch_loss_count, 1))
-      state = state_lib.reset_epoch_loss(state)
-      epoch_stats = {"train_loss": train_loss, "lr": float(metrics["lr"]),
-                     **throughput.summary(done - epoch_start_step, epoch_seconds)}
-      if logged_efficiency:
-        epoch_stats["train_packing_efficiency"] = float(np.mean(logged_efficiency))
-        logged_efficiency = []
-      if epoch % config.train.eval_every_epochs == 0 or done == total_steps:
-        record = evaluate(state.params, done, epoch, epoch_stats)
-      checkpointer.save(done, state, train_iter, {**run_meta, "epoch": epoch})
-      epoch_start_time, epoch_start_step = time.perf_counter(), done
-    elif config.train.checkpoint_every_steps and done % config.train.checkpoint_every_steps == 0:
-      checkpointer.save(done, state, train_iter, {**run_meta, "epoch": epoch - 1})
-  progress.close()
-
+  final_config = final_plan.config
   if first_avg > 0 and int(state.averaged_count) > 0:
-    averaged_epochs = [first_avg, min(last_avg, config.train.epochs)]
-    record = evaluate(state_lib.averaged_params(state), total_steps, config.train.epochs,
-                      {**epoch_stats, "weights": "averaged", "averaged_epochs": averaged_epochs})
+    averaged_epochs = [first_avg, min(config.train.average_weights[1], config.train.epochs)]
+    record = run.evaluate(final_plan, state_lib.averaged_params(state), total_steps, config.train.epochs,
+                          {**run.epoch_stats, "weights": "averaged", "averaged_epochs": averaged_epochs})
   final = to_host(state_lib.averaged_params(state) if first_avg > 0 and int(state.averaged_count) > 0
                   else state.params)  # on every process: gathering shards is a collective
   if jax.process_index() == 0:
-    export_model(os.path.join(workdir, "model"), final, config, sources.label_names)
+    export_model(os.path.join(workdir, "model"), final, final_config, sources.label_names)
   if config.eval_sweep.lengths or config.eval_sweep.resolutions or config.get("eval_patch_sizes"):
-    run_sweep(config, final, inputs, mesh, rules, state_shardings.params, workdir, **host)
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
+    run_sweep(final_config, final, inputs, mesh, rules, shardings.params, workdir, **host)
+  run.close()
   return record
+
+
+class _Run:
+  """What every phase of a run shares: mesh, input, checkpoints, metrics, progress, and the per-phase ledger of
+  training seconds and FLOPs (kept in each checkpoint's metadata, so it survives restarts)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: Any, rules: Any, sources: Any,
+               inputs: Any, plans: list[PhasePlan], total_steps: int, host: dict[str, int]):
+    self.config, self.mesh, self.rules, self.sources, self.inputs = config, mesh, rules, sources, inputs
+    self.plans, self.total_steps, self.host = plans, total_steps, host
+    self.train_iter = inputs.train_iterator(config.seed, **host)
+    self.init_rng, self.train_rng = jax.random.split(jax.random.key(config.seed))
+    self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    self.latest_step = self.checkpointer.latest_step() or 0
+    self.writer = MetricsWriter(workdir, resume_step=self.latest_step, tensorboard=config.train.tensorboard,
+                                enabled=jax.process_index() == 0)
+    self.run_meta = {"config": config.to_json_best_effort(), "label_names": list(sources.label_names),
+                     "skipped_files": sources.skipped_files}
+    self.packing_stats = getattr(inputs, "efficiency", {})
+    record = self.writer.last_record() or {}
+    self.epoch_stats = {key: record[key] for key in ("train_loss", "lr", "examples_per_sec", "tokens_per_sec", "mfu",
+                                                      "train_packing_efficiency") if key in record}
+    self.progress = Progress(total_steps, self.latest_step, config.train.log_every_steps, config.train.progress_bar)
+    self.phase_seconds: list[float] = []  # training seconds per phase so far (epochs' step time, compilation too)
+    self.eval_step: Any = None
+
+  def phase(self, plan: PhasePlan, carried: Any, num_phases: int) -> tuple[state_lib.TrainState, dict[str, Any], Any]:
+    """Trains one phase from where the run stands (a checkpoint inside it, the previous phase's weights, or a fresh
+    start) to its end or `total_steps`. Returns (state, last evaluation record, state shardings)."""
+    config, mesh, rules, inputs = plan.config, self.mesh, self.rules, self.inputs
+    steps_per_epoch = inputs.steps_per_epoch
+    model = build_model(config)
+    # The schedule restarts in every phase: the optimiser counts its own steps from 0 in a fresh state, and the
+    # logged lr reads the phase's schedule at (run step - phase start).
+    phase_schedule = make_schedule(config.optim, steps_per_epoch, plan.steps)
+    tx = make_optimizer(config.optim, phase_schedule)
+
+    def schedule(step: Any) -> Any:
+      return phase_schedule(step - plan.first_step)
+
+    first_avg, last_avg = config.train.average_weights
+    state, state_shardings = initial_state(config, model, tx, mesh, rules, self.init_rng,
+                                           params=carried, step=plan.first_step, load_init=plan.index == 0)
+    flops = config_flops(config)
+    peak = peak_flops_per_device(jax.devices()[0], config.model.dtype, config.train.peak_flops)
+    where = f"phase {plan.index + 1}/{num_phases} ({plan.phase.name}), " if num_phases > 1 else ""
+    log.info("%smodel %s: %.2f M parameters, %d tokens, %.1f GFLOP per training %s; mesh %s; %d steps per "
+             "epoch, steps %d-%d of %d", where, config.model.name,
+             sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, flops["tokens"], flops["train_flops"] / 1e9,
+             "row" if inputs.packed else "example", dict(mesh.shape), steps_per_epoch, plan.first_step,
+             plan.end_step, self.total_steps)
+
+    # Steps, jitted once, traced under the mesh and the logical axis rules.
+    data_sharding = batch_sharding(mesh)
+    make_train, make_eval = ((make_packed_train_step, make_packed_eval_step) if inputs.packed
+                             else (make_train_step, make_eval_step))
+    run_patch = tuple(config.model.get("run_patch", ())) or None  # a 'patch' phase: the kernel at another shape
+
+    def compile_train_step(*patch: tuple[int, int]) -> Any:
+      return sharded_jit(make_train(model, tx, schedule, config, self.train_rng, *patch), mesh, rules,
+                         in_shardings=(state_shardings, data_sharding),
+                         out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+
+    # FlexiAST: a patch shape drawn per step, one compiled step per shape (each compiled on first use, then reused).
+    flexi_steps = PatchSteps(compile_train_step) if flexi_patch_sizes(config) else None
+    train_step = None if flexi_steps else compile_train_step(*([run_patch] if run_patch else []))
+    eval_fn = make_eval_step(model, config, run_patch) if run_patch else make_eval(model, config)
+    self.eval_step = sharded_jit(eval_fn, mesh, rules, in_shardings=(state_shardings.params, data_sharding))
+
+    # Restore: a checkpoint written in this phase (a later phase starts from the carried weights).
+    if plan.first_step < self.latest_step <= plan.end_step:
+      restored = self.checkpointer.restore(state, self.train_iter)
+      if restored is not None:
+        state, meta = restored
+        self.phase_seconds = list(meta.get("phase_seconds", []))
+    self.phase_seconds += [0.0] * (plan.index + 1 - len(self.phase_seconds))
+    start_step = int(state.step)
+    record = self.writer.last_record() or {}
+
+    # Loop.
+    end_step = min(plan.end_step, self.total_steps)
+    epoch_start_time, epoch_start_step, last_loss = time.perf_counter(), start_step, None
+    logged_efficiency: list[float] = []  # packed batches' measured share of real tokens, at the logged steps
+    throughput = Throughput(inputs.examples_per_step, flops["tokens_per_step"], flops["train_flops_per_step"], peak,
+                            jax.device_count())
+    for step in range(start_step, end_step):
+      batch = global_batch(mesh, next(self.train_iter))
+      if flexi_steps is not None:
+        state, metrics = flexi_steps(step_patch(config, step), state, batch)
+      else:
+        state, metrics = train_step(state, batch)
+      done, epoch = step + 1, step // steps_per_epoch + 1
+      if done % config.train.log_every_steps == 0 or done == end_step:
+        last_loss = float(metrics["loss"])  # waits for the step, so the interval's rate is measured
+        if not np.isfinite(last_loss):
+          raise FloatingPointError(f"training loss is {last_loss} at step {done}; the last checkpoint is intact")
+        scalars = {"train/loss": last_loss, "train/lr": float(metrics["lr"]),
+                   "train/grad_norm": float(metrics["grad_norm"]), **throughput.interval(done)}
+        if "packing_efficiency" in metrics:
+          scalars["train/packing_efficiency"] = float(metrics["packing_efficiency"])
+          logged_efficiency.append(scalars["train/packing_efficiency"])
+        self.writer.write_scalars(done, scalars)
+      rate = (done - epoch_start_step) * inputs.examples_per_step / max(time.perf_counter() - epoch_start_time, 1e-9)
+      self.progress.update(done, epoch, last_loss, rate)
+      if done % steps_per_epoch == 0 or done == end_step:  # an epoch's end, or the last (max_steps) step
+        jax.block_until_ready(state)
+        epoch_seconds = time.perf_counter() - epoch_start_time
+        self.phase_seconds[plan.index] += epoch_seconds
+        if first_avg <= epoch <= last_avg:
+          state = state_lib.accumulate_average(state)
+        train_loss = float(state.epoch_loss_sum / jnp.maximum(state.epoch_loss_count, 1))
+        state = state_lib.reset_epoch_loss(state)
+        self.epoch_stats = {"train_loss": train_loss, "lr": float(metrics["lr"]),
+                            **throughput.summary(done - epoch_start_step, epoch_seconds)}
+        if logged_efficiency:
+          self.epoch_stats["train_packing_efficiency"] = float(np.mean(logged_efficiency))
+          logged_efficiency = []
+        if epoch % config.train.eval_every_epochs == 0 or done == end_step:
+          record = self.evaluate(plan, state.params, done, epoch, self.epoch_stats)
+        self.checkpointer.save(done, state, self.train_iter,
+                               {**self.run_meta, "epoch": epoch, "phase_seconds": self.phase_seconds})
+        epoch_start_time, epoch_start_step = time.perf_counter(), done
+      elif config.train.checkpoint_every_steps and done % config.train.checkpoint_every_steps == 0:
+        self.checkpointer.save(done, state, self.train_iter,
+                               {**self.run_meta, "epoch": epoch - 1, "phase_seconds": self.phase_seconds})
+    if num_phases > 1 and int(state.step) == plan.end_step:
+      log.info("phase %d/%d (%s) done: %d epochs, %.3g TFLOP, %.1f s of training", plan.index + 1, num_phases,
+               plan.phase.name, plan.phase.epochs, self.phase_flops(plan.end_step)[plan.index] / 1e12,
+               self.phase_seconds[plan.index])
+    return state, record, state_shardings
+
+  def phase_flops(self, step: int) -> list[float]:
+    """Training FLOPs (analytic) of each phase up to run step `step`, from the steps each has run by then."""
+    return [max(min(step, plan.end_step) - plan.first_step, 0) * config_flops(plan.config)["train_flops_per_step"]
+            for plan in self.plans]
+
+  def evaluate(self, plan: PhasePlan, params: Any, step: int, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
+    flops = self.phase_flops(step)[:plan.index + 1]
+    ledger = {"phase": plan.phase.name, "train_seconds": float(sum(self.phase_seconds)),
+              "train_flops": float(sum(flops)), "phase_seconds": list(self.phase_seconds), "phase_flops": flops}
+    record = {"epoch": epoch, "step": step,
+              **evaluate_params(self.eval_step, params, self.inputs.eval_batches(**self.host), self.mesh),
+              **extra, **self.packing_stats, **ledger, "skipped_files": self.sources.skipped_files}
+    self.writer.write_record(record)
+    log.info("eval epoch %d step %d: %s", epoch, step, _summary(record))
+    return record
+
+  def close(self) -> None:
+    self.checkpointer.wait()
+    self.checkpointer.close()
+    self.writer.close()
 
 
 def export_model(path: str, params: Any, config: ml_collections.ConfigDict, label_names: Any) -> None:
@@ -187,9 +262,11 @@ def export_model(path: str, params: Any, config: ml_collections.ConfigDict, labe
   log.info("model written to %s", path)
 
 
-def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, mesh: Any, rules: Any, rng: jax.Array
+def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, mesh: Any, rules: Any, rng: jax.Array,
+                  params: Any = None, step: int = 0, load_init: bool = True
                   ) -> tuple[state_lib.TrainState, Any]:
-  """The train state created directly in its shards (random init, then `config.init_from` when set).
+  """The train state created directly in its shards: from host `params` (the previous phase's weights) at run step
+  `step` with a fresh optimiser, else a random init, then `config.init_from` when set and `load_init`.
   Returns (state, its shardings)."""
   example = example_inputs(config)
   average = config.train.average_weights[0] > 0
@@ -198,12 +275,13 @@ def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, mesh: 
     return state_lib.create_train_state(model.init(rng, *example)["params"], tx, average)
 
   state, shardings = create_sharded(init, mesh, rules, rng)
-  if config.init_from:
+  if params is None and config.init_from and load_init:
     template = unscan_layers(to_host(state.params))
     params = to_layout(initial_params(config.init_from, template, config), config.model.scan_layers)
+  if params is not None:
     params = put_host_tree(jax.tree.map(np.float32, params), shardings.params)
-    state = jax.jit(lambda params: state_lib.create_train_state(params, tx, average), out_shardings=shardings,
-                    donate_argnums=(0,))(params)
+    state = jax.jit(lambda params: state_lib.create_train_state(params, tx, average).replace(step=jnp.int32(step)),
+                    out_shardings=shardings, donate_argnums=(0,))(params)
   return state, shardings
 
 
