@@ -5,6 +5,8 @@
 `--config=configs/fsdd.py:elastic` trains ElasticAST on the clips' native lengths instead (see below).
 `--config=configs/fsdd.py:flexi` trains FlexiAST: non-overlapping patches of a size drawn per step from
 {8, 10, 12, 16, 20, 24, 32}; `:patch8` and `:patch16` are fixed-patch ASTs with the same patches at one size.
+`--config=configs/fsdd.py:coarse_to_fine` trains the AST recipe in two phases: 20 epochs on spectrograms
+max-pooled 2x along time (37 tokens instead of 79), then 10 at full resolution (train/phases.py).
 The data folder defaults to ../shared/data/fsdd beside the repository (`--config.data.path=` to change it).
 
 Recipe for learning a transformer from scratch on 2,700 short clips on a 2-core CPU:
@@ -45,9 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      split="takes", batch_size=32, eval_batch_size=100, cache_audio=True, scan="decode")
   if arg == "speaker":
     config.data.update(split="speaker", held_out="theo")
-  elif arg not in (None, "", "smoke", "elastic", "elastic_smoke", "flexi", "patch8", "patch16"):
-    raise ValueError(f"configs/fsdd.py takes no argument, 'speaker', 'elastic', 'flexi', 'patch8', 'patch16' or "
-                     f"'smoke', not {arg!r}")
+  elif arg not in (None, "", "smoke", "elastic", "elastic_smoke", "flexi", "patch8", "patch16", "coarse_to_fine"):
+    raise ValueError(f"configs/fsdd.py takes no argument, 'speaker', 'elastic', 'flexi', 'patch8', 'patch16', "
+                     f"'coarse_to_fine' or 'smoke', not {arg!r}")
   config.audio.update(num_mel_bins=64, low_freq=20.0, high_freq=4000.0, target_length=100,
                       mean=FSDD_STATS[0], std=FSDD_STATS[1])
   config.augment.update(mixup=0.0, freq_mask=12, time_mask=20, roll=10)
@@ -72,6 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           flexi_base_weight=0.5)
     config.eval_sweep.update(lengths=(), resolutions=())
     config.eval_patch_sizes = (8, 10, 12, 16, 20, 24, 32)
+  if arg == "coarse_to_fine":
+    # Measured against the 30 full-resolution epochs: 36 % fewer training FLOPs, 35 % less training time, 98.00
+    # against 97.67 % (docs/RESULTS.md, "Coarse-to-fine training on FSDD"). Each phase restarts the schedule.
+    config.train.phases = "max_pool:2:20, full:1:10"
   if arg in ("smoke", "elastic_smoke"):
     common.shrink_for_smoke_test(config)
   return config

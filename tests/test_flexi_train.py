@@ -164,7 +164,7 @@ def test_patch_weights_set_how_often_each_size_is_drawn():
   assert draws == [step_patch(config, step)[0] for step in range(3000)]  # a function of (seed, step)
 
 
-@pytest.mark.parametrize("arg", [None, "speaker", "elastic", "flexi", "patch8", "patch16"])
+@pytest.mark.parametrize("arg", [None, "speaker", "elastic", "flexi", "patch8", "patch16", "coarse_to_fine"])
 def test_fsdd_recipes_validate(arg):
   from configs import fsdd
 
@@ -173,6 +173,11 @@ def test_fsdd_recipes_validate(arg):
   if arg == "flexi":  # sizes drawn by weight, the stored 16x16 loss at every other size
     assert config.model.flexi_patch_sizes[0] == 8 and config.model.flexi_base_weight > 0
     assert {step_patch(config, step) for step in range(200)} == {(s, s) for s in config.eval_patch_sizes}
+  if arg == "coarse_to_fine":  # the AST recipe's 30 epochs, the last phase at full resolution
+    from ast_jax.train.phases import phases_of
+
+    phases = phases_of(config)
+    assert sum(p.epochs for p in phases) == fsdd.get_config().train.epochs and phases[-1].method == "full"
 
 
 def test_time_only_sizes_keep_the_frequency_size():

@@ -25,8 +25,8 @@ from configs import demo
 
 def small_config(phases: str = "", epochs: int = 3):
   config = demo.get_config("smoke")
-  config.data.update(num_train_examples=32, num_eval_examples=8, batch_size=4, eval_batch_size=4)
-  config.train.update(epochs=epochs, phases=phases, log_every_steps=4, progress_bar=False, tensorboard=False)
+  config.data.update(num_train_examples=16, num_eval_examples=8, batch_size=4, eval_batch_size=4)
+  config.train.update(epochs=epochs, phases=phases, log_every_steps=2, progress_bar=False, tensorboard=False)
   return config
 
 
@@ -149,32 +149,33 @@ def final_params(workdir):
 
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")
 def test_phase_switch_in_training_and_resume_inside_a_phase(tmp_path, caplog):
-  """Three phases of one epoch (8 steps) each. A run stopped at step 12, inside the second phase, resumes in that
-  phase at that step and ends with the parameters of the uninterrupted run; the ledger counts each phase's FLOPs."""
-  spec = "avg_pool:2:1, patch:2:1, full:1:1"
-  straight = train_and_evaluate(small_config(spec), str(tmp_path / "straight"))
-  plans = plan_phases(small_config(spec), steps_per_epoch=8)
-  assert straight["phase_flops"] == [8 * config_flops(p.config)["train_flops_per_step"] for p in plans]
-  assert straight["train_flops"] == sum(straight["phase_flops"]) and len(straight["phase_seconds"]) == 3
+  """Two phases of one epoch (4 steps) each. A run stopped at step 6, inside the second phase, resumes in that phase
+  at that step and ends with the parameters of the uninterrupted run; the ledger counts each phase's FLOPs."""
+  spec = "patch:2:1, full:1:1"
+  straight = train_and_evaluate(small_config(spec, epochs=2), str(tmp_path / "straight"))
+  plans = plan_phases(small_config(spec, epochs=2), steps_per_epoch=4)
+  assert straight["phase_flops"] == [4 * config_flops(p.config)["train_flops_per_step"] for p in plans]
+  assert straight["train_flops"] == sum(straight["phase_flops"]) and len(straight["phase_seconds"]) == 2
 
-  staged = small_config(spec)
-  staged.train.max_steps = 12
-  assert train_and_evaluate(staged, str(tmp_path / "resumed"))["phase"] == "patch x2"
+  staged = small_config(spec, epochs=2)
+  staged.train.max_steps = 6
+  assert train_and_evaluate(staged, str(tmp_path / "resumed"))["phase"] == "full"
   with caplog.at_level(logging.INFO):
-    resumed = train_and_evaluate(small_config(spec), str(tmp_path / "resumed"))
+    resumed = train_and_evaluate(small_config(spec, epochs=2), str(tmp_path / "resumed"))
   messages = [record.getMessage() for record in caplog.records]
-  assert any("restored checkpoint at step 12" in m for m in messages)
-  assert not any(m.startswith("phase 1/3") for m in messages)  # resumed into phase 2, not before it
-  assert any(m.startswith("phase 2/3 (patch x2), model") and "steps 8-16" in m for m in messages)
-  assert resumed["step"] == 24 and resumed["phase_flops"] == straight["phase_flops"]
+  assert any("restored checkpoint at step 6" in m for m in messages)
+  assert not any(m.startswith("phase 1/2") for m in messages)  # resumed into phase 2, not before it
+  assert any(m.startswith("phase 2/2 (full), model") and "steps 4-8" in m for m in messages)
+  assert resumed["step"] == 8 and resumed["phase_flops"] == straight["phase_flops"]
   for a, b in zip(jax.tree.leaves(final_params(tmp_path / "straight")), jax.tree.leaves(final_params(tmp_path /
                                                                                                      "resumed"))):
     np.testing.assert_array_equal(a, b)
 
-  # The checkpoint at the end of phase 1 holds the coarse grid; phase 2 ('patch') keeps the table as it is.
-  phase1 = ocp.PyTreeCheckpointer().restore(str(tmp_path / "straight" / "checkpoints" / "8" / "state"))["params"]
-  assert phase1["pos_embed"].shape[1] == 2 + np.prod(model_grid(plans[0].config))
-  assert final_params(tmp_path / "straight")["pos_embed"].shape[1] == 2 + np.prod(model_grid(plans[2].config))
+  # The 'patch' phase trained the stored 16x16 kernel and table at 16x32 patches: the shapes never changed.
+  phase1 = ocp.PyTreeCheckpointer().restore(str(tmp_path / "straight" / "checkpoints" / "4" / "state"))["params"]
+  final = final_params(tmp_path / "straight")
+  assert phase1["pos_embed"].shape == final["pos_embed"].shape == (1, 2 + np.prod(model_grid(plans[1].config)), 64)
+  assert phase1["patch_embed"]["proj"]["kernel"].shape[:2] == (16, 16)
 
 
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")
@@ -183,8 +184,8 @@ def test_the_next_phase_starts_from_the_carried_weights(tmp_path):
   the positional table interpolated to the full grid, every other weight unchanged."""
   spec = "avg_pool:2:1, full:1:1:lr=0"
   train_and_evaluate(small_config(spec, epochs=2), str(tmp_path))
-  plans = plan_phases(small_config(spec, epochs=2), steps_per_epoch=8)
-  phase1 = ocp.PyTreeCheckpointer().restore(str(tmp_path / "checkpoints" / "8" / "state"))["params"]
+  plans = plan_phases(small_config(spec, epochs=2), steps_per_epoch=4)
+  phase1 = ocp.PyTreeCheckpointer().restore(str(tmp_path / "checkpoints" / "4" / "state"))["params"]
   expected = carry_params(jax.tree.map(np.asarray, phase1), plans[0].config, plans[1].config)
   final = final_params(tmp_path)
   for path, value in jax.tree_util.tree_leaves_with_path(expected):
