@@ -49,8 +49,8 @@ def their_logits(model, features: np.ndarray) -> np.ndarray:
 
 
 # Every stride and length at tiny; base at the AudioSet shape and one stride-16 case, its others in the slow suite.
-CASES = [pytest.param(size, stride, frames, marks=[pytest.mark.slow] if size == "base" and (stride, frames) not in
-                      ((10, 1024), (16, 128)) else [])
+CASES = [pytest.param(size, stride, frames, marks=[pytest.mark.slow] if size == "base" and (stride, frames) != (16, 128)
+                      else [])
          for size in ("tiny", "base") for stride in (10, 16) for frames in (1024, 512, 128)]
 
 

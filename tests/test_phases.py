@@ -183,10 +183,29 @@ def test_the_next_phase_starts_from_the_carried_weights(tmp_path):
   """With lr 0 in the last phase its weights stay where the switch put them: the first phase's final weights with
   the positional table interpolated to the full grid, every other weight unchanged."""
   spec = "avg_pool:2:1, full:1:1:lr=0"
-  train_and_evaluate(small_config(spec, epochs=2), str(tmp_path))
-  plans = plan_phases(small_config(spec, epochs=2), steps_per_epoch=4)
-  phase1 = ocp.PyTreeCheckpointer().restore(str(tmp_path / "checkpoints" / "4" / "state"))["params"]
+  config = small_config(spec, epochs=2)
+  config.data.num_train_examples = 8  # 2 steps per epoch
+  train_and_evaluate(config, str(tmp_path))
+  plans = plan_phases(config, steps_per_epoch=2)
+  phase1 = ocp.PyTreeCheckpointer().restore(str(tmp_path / "checkpoints" / "2" / "state"))["params"]
   expected = carry_params(jax.tree.map(np.asarray, phase1), plans[0].config, plans[1].config)
   final = final_params(tmp_path)
   for path, value in jax.tree_util.tree_leaves_with_path(expected):
     np.testing.assert_allclose(dict(jax.tree_util.tree_leaves_with_path(final))[path], value, rtol=0, atol=1e-7)
+
+
+def test_run_patch_only_from_a_phase_and_pooled_models_refuse_hf_export():
+  from ast_jax.convert import hf
+  from ast_jax.convert.model_dir import ModelBundle, bundle_config
+
+  config = small_config()
+  config.model.run_patch = (16, 32)
+  with pytest.raises(ConfigError, match="model.run_patch is set by a 'patch' phase"):
+    validate_config(config)
+  pooled = phase_config(small_config(), Phase("max_pool", 2, 1))
+  validate_config(pooled)  # pooling on its own is a valid model input
+  params = jax.tree.map(np.asarray, init_params(build_model(pooled), jax.random.key(0), example_inputs(pooled)[0]))
+  labels = [f"class{i}" for i in range(pooled.num_classes)]
+  bundle = ModelBundle(params, bundle_config(pooled.model, pooled.audio, pooled.num_classes), labels)
+  with pytest.raises(ValueError, match="pooled 2x along time"):
+    hf.hf_config(bundle)

@@ -48,7 +48,7 @@ def check_two_steps(record, workdir, num_examples):
   assert "mfu" not in record
 
 
-@pytest.mark.parametrize("recipe", [audioset, audioset_balanced])
+@pytest.mark.parametrize("recipe", [audioset, pytest.param(audioset_balanced, marks=pytest.mark.slow)])
 def test_audioset_recipes_run_two_steps(tmp_path, recipe):
   config = recipe.get_config("smoke")
   train, evaluation = audioset_datafiles(tmp_path)

@@ -93,6 +93,9 @@ def hf_to_timm(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def hf_config(bundle: ModelBundle) -> dict[str, Any]:
   model, audio = bundle.config.model, bundle.config.audio
+  if audio.get("time_pool", "none") != "none":
+    raise ValueError(f"this model reads spectrograms pooled {audio.time_pool_factor}x along time "
+                     f"(audio.time_pool={audio.time_pool!r}), which Hugging Face's AST feature extractor cannot do")
   params = bundle.params
   width = params["cls_token"].shape[-1]
   return {

@@ -82,7 +82,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _front_end_problems(config: ml_collections.ConfigDict) -> list[str]:
-  """Time pooling and a run patch: valid values, a model input they leave at least one patch of."""
+  """Time pooling (valid values, at least one patch left after pooling); a run patch only from a 'patch' phase."""
   from ast_jax.audio.features import TIME_POOLS
 
   audio, model, problems = config.audio, config.model, []
@@ -92,15 +92,14 @@ def _front_end_problems(config: ml_collections.ConfigDict) -> list[str]:
                     "the factor a positive int")
   elif pool != "none" and model.get("name", "ast") != "ast":
     problems.append("audio.time_pool applies to model.name='ast' (fixed-length input)")
-  run_patch = tuple(model.get("run_patch", ()))
-  if run_patch and (len(run_patch) != 2 or model.get("name", "ast") != "ast" or model.get("flexi_patch_sizes")):
-    problems.append(f"model.run_patch={run_patch!r} must be (frequency, time) sizes of an AST without "
-                    "model.flexi_patch_sizes")
-  elif not problems and (run_patch or pool != "none") and model.get("name", "ast") == "ast":
+  if tuple(model.get("run_patch", ())):
+    problems.append("model.run_patch is set by a 'patch' phase of train.phases; to train at another patch shape, "
+                    "set model.patch_size / patch_time")
+  elif not problems and pool != "none" and model.get("name", "ast") == "ast":
     from ast_jax.bench.flops import config_flops
 
     try:
-      config_flops(config)  # the patch grid of the (pooled) input at the (run) patch
+      config_flops(config)  # the patch grid of the pooled input
     except ValueError as error:
       problems.append(f"model input: {error}")
   return problems

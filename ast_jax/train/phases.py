@@ -193,9 +193,8 @@ def phases_problems(config: ml_collections.ConfigDict) -> list[str]:
                     "one (evaluated, exported and swept as such)")
   if config.model.get("name", "ast") != "ast":
     problems.append("train.phases apply to model.name='ast' (fixed-length input)")
-  if config.model.get("flexi_patch_sizes") or config.model.get("run_patch"):
-    problems.append("train.phases do not combine with model.flexi_patch_sizes or model.run_patch (a 'patch' phase "
-                    "sets run_patch itself)")
+  if config.model.get("flexi_patch_sizes"):
+    problems.append("train.phases do not combine with model.flexi_patch_sizes")
   if config.audio.get("time_pool", "none") != "none":
     problems.append("train.phases set audio.time_pool per phase: leave it 'none'")
   first_avg = config.train.average_weights[0]
