@@ -129,6 +129,7 @@ def test_phases_parse_and_plan():
     ("avg_pool:200:2, full:1:1", 3, "phase 'avg_pool x200'"),
     ("patch:50:2, full:1:1", 3, "phase .patch x50.*smaller than one 16x800 patch"),
     ("avg_pool:2:2, full:1:1:speed=3", 3, "'speed' is not a config.optim field"),
+    ("avg_pool:2:2, full:1:1:lr=fast", 3, "optim.lr='fast' is not a float"),
 ])
 def test_bad_phases_are_config_errors(phases, epochs, message):
   config = small_config(phases, epochs)

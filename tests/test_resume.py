@@ -25,25 +25,26 @@ OVERRIDES = [
 ]
 
 
-def command(workdir: str) -> list[str]:
-  return [sys.executable, "-m", "ast_jax.main", "--config=configs/demo.py", f"--workdir={workdir}", *OVERRIDES]
+def command(workdir: str, *extra: str) -> list[str]:
+  return [sys.executable, "-m", "ast_jax.main", "--config=configs/demo.py", f"--workdir={workdir}", *OVERRIDES,
+          *extra]
 
 
-def run_to_end(workdir: str) -> None:
-  subprocess.run(command(workdir), cwd=ROOT, check=True, capture_output=True, timeout=300)
+def run_to_end(workdir: str, *extra: str) -> None:
+  subprocess.run(command(workdir, *extra), cwd=ROOT, check=True, capture_output=True, timeout=300)
 
 
-def run_and_kill_in_epoch_two(workdir: str) -> None:
-  """Starts the run and SIGKILLs it at the first step it logs after the epoch-1 checkpoint has been committed
-  (saves are asynchronous; a kill before the commit would restart from scratch and test less)."""
-  process = subprocess.Popen(command(workdir), cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+def run_and_kill_in_epoch_two(workdir: str, *extra: str, after_checkpoint: int = STEPS_PER_EPOCH) -> None:
+  """Starts the run and SIGKILLs it at the first step it logs after the checkpoint at step `after_checkpoint` has
+  been committed (saves are asynchronous; a kill before the commit would restart earlier and test less)."""
+  process = subprocess.Popen(command(workdir, *extra), cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                              text=True)
-  committed = os.path.join(workdir, "checkpoints", str(STEPS_PER_EPOCH))
+  committed = os.path.join(workdir, "checkpoints", str(after_checkpoint))
   killed_at = None
   try:
     for line in process.stderr:
       match = re.search(r"step (\d+)/", line)
-      if match and int(match.group(1)) > STEPS_PER_EPOCH and os.path.isdir(committed):
+      if match and int(match.group(1)) > after_checkpoint and os.path.isdir(committed):
         process.send_signal(signal.SIGKILL)
         killed_at = int(match.group(1))
         break
@@ -87,3 +88,26 @@ def test_sigkill_in_epoch_two_then_rerun_matches_uninterrupted(tmp_path):
   before = open(os.path.join(resumed, "metrics.jsonl")).read()
   run_to_end(resumed)
   assert open(os.path.join(resumed, "metrics.jsonl")).read() == before
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")
+def test_sigkill_inside_the_second_phase_resumes_there(tmp_path):
+  """Coarse-to-fine: one epoch max-pooled 2x along time, then two at full resolution. Killed after the checkpoint at
+  step 30 (inside the second phase), the run resumes at step 30 in the second phase and ends as the uninterrupted
+  run does."""
+  phases = ["--config.train.phases=max_pool:2:1, full:1:2", "--config.train.checkpoint_every_steps=30"]
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  run_to_end(straight, *phases)
+  run_and_kill_in_epoch_two(resumed, *phases, after_checkpoint=30)
+  checkpoints = sorted(int(n) for n in os.listdir(os.path.join(resumed, "checkpoints")) if n.isdigit())
+  assert checkpoints[-1] == 30, checkpoints
+  log = subprocess.run(command(resumed, *phases), cwd=ROOT, check=True, capture_output=True, text=True,
+                       timeout=300).stderr
+  assert "restored checkpoint at step 30" in log and "phase 2/2 (full), model" in log
+  assert "phase 1/2 (max_pool x2), model" not in log  # resumed in the second phase, not before it
+  expected, actual = records(straight), records(resumed)
+  assert [r["phase"] for r in actual] == ["max_pool x2", "full", "full", "full"]  # the last: averaged weights
+  assert actual == expected
+  for a, b in zip(jax.tree.leaves(final_params(straight)), jax.tree.leaves(final_params(resumed))):
+    np.testing.assert_array_equal(a, b)

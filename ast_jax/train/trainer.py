@@ -78,7 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if plan.first_step >= total_steps and plan.index > 0:
       break
     final_plan = plan
-    state, record, shardings = run.phase(plan, carried, len(plans))
+    state, record, shardings = run.phase(plan, carried)
     if plan.index + 1 < len(plans) and int(state.step) == plan.end_step:
       carried = carry_params(to_host(state.params), plan.config, plans[plan.index + 1].config)
   run.progress.close()
@@ -122,11 +122,11 @@ class _Run:
     self.phase_seconds: list[float] = []  # training seconds per phase so far (epochs' step time, compilation too)
     self.eval_step: Any = None
 
-  def phase(self, plan: PhasePlan, carried: Any, num_phases: int) -> tuple[state_lib.TrainState, dict[str, Any], Any]:
+  def phase(self, plan: PhasePlan, carried: Any) -> tuple[state_lib.TrainState, dict[str, Any], Any]:
     """Trains one phase from where the run stands (a checkpoint inside it, the previous phase's weights, or a fresh
     start) to its end or `total_steps`. Returns (state, last evaluation record, state shardings)."""
     config, mesh, rules, inputs = plan.config, self.mesh, self.rules, self.inputs
-    steps_per_epoch = inputs.steps_per_epoch
+    steps_per_epoch, num_phases = inputs.steps_per_epoch, len(self.plans)
     model = build_model(config)
     # The schedule restarts in every phase: the optimiser counts its own steps from 0 in a fresh state, and the
     # logged lr reads the phase's schedule at (run step - phase start).
