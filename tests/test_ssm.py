@@ -52,14 +52,18 @@ def test_scan_matches_the_float64_recurrence(method, reverse):
 
 
 @pytest.mark.parametrize("method", SCAN_METHODS)
-def test_scan_gradients_match_float64(method):
-  """Gradients of sum(y * w) w.r.t. every input, against the float64 sequential scan (itself checked against the
-  NumPy loop above)."""
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_gradients_match_float64(method, reverse):
+  """Gradients of sum(y * w) w.r.t. every input, state resets included, against the float64 sequential scan
+  (itself checked against the NumPy loop above)."""
   arrays = inputs(length=21)
   weights = np.random.default_rng(5).normal(size=arrays[0].shape)
+  resets = np.zeros(arrays[0].shape[:2], bool)
+  resets[1, [0, 9, 15]] = True
 
   def loss(dtype, scan_method, *xs):
-    y = selective_scan(*(x.astype(dtype) for x in xs), method=scan_method, chunk_size=8)
+    y = selective_scan(*(x.astype(dtype) for x in xs), resets=resets, method=scan_method, chunk_size=8,
+                       reverse=reverse)
     return jnp.sum(y * weights.astype(dtype))
 
   with jax.enable_x64(True):

@@ -10,7 +10,12 @@ Implementations (`method`):
 - `sequential`: `lax.scan` over the length, one step at a time (the reference; O(1) state memory, length-deep);
 - `associative`: `lax.associative_scan` over the whole length (log-depth; holds every step's [channels, state]);
 - `chunked`: `lax.scan` over chunks of `chunk_size` steps, the associative scan inside each chunk, the chunk
-  rematerialised in the backward pass, so memory is bounded by one chunk's states plus the carries.
+  rematerialised in the backward pass, so memory is bounded by one chunk's states plus the carries;
+- `recompute`: the sequential scan with a hand-written backward pass, as the CUDA kernel does it: the forward pass
+  keeps only its inputs and the state entering each chunk of `chunk_size` steps; the backward pass recomputes one
+  chunk's states at a time and runs the adjoint recurrence g_l = C_l dy_l + exp(delta_{l+1} A) g_{l+1} the other
+  way. A network of many scans then holds no [length, channels, state] residuals between its forward and backward
+  passes, and the backward pass one chunk's (the default on CPU: docs/RESULTS.md).
 Every implementation runs in float32 (or float64 when given float64) and is differentiable by JAX autodiff.
 `reverse=True` scans from the end (the backward direction of bidirectional Mamba without flipping arrays).
 `resets` `[batch, length]` (bool) marks the steps where the scan starts from a zero state, in the scan's direction
@@ -24,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-SCAN_METHODS = ("sequential", "associative", "chunked")
+SCAN_METHODS = ("sequential", "associative", "chunked", "recompute")
 
 
 def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:
@@ -65,6 +70,89 @@ def _sequential(u, delta, A, B, C, resets, reverse):
   h0 = jnp.zeros((batch, channels, state), u.dtype)
   _, y = jax.lax.scan(step, h0, time_major, reverse=reverse)
   return jnp.moveaxis(y, 0, 1)
+
+
+def _decay(delta_l: jax.Array, A: jax.Array, reset_l: jax.Array) -> jax.Array:
+  """exp(delta_l A) `[batch, channels, state]`, 0 where a reset starts a fresh state."""
+  return jnp.where(reset_l[:, None, None], 0.0, jnp.exp(delta_l[..., None] * A))
+
+
+def _forward_step(A, keep_states: bool):
+  """One step of the recurrence for lax.scan: (h, inputs) -> (h', y) or (h', (y, h)) with `keep_states`."""
+
+  def step(h, inputs):
+    u_l, delta_l, B_l, C_l, reset_l = inputs
+    h_next = _decay(delta_l, A, reset_l) * h + (delta_l * u_l)[..., None] * B_l[:, None, :]
+    y = jnp.einsum("bdn,bn->bd", h_next, C_l)
+    return h_next, ((y, h) if keep_states else y)
+
+  return step
+
+
+def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
+  """`[batch, length, ...]` -> time-major chunks `[length / chunk, chunk, batch, ...]`, the length padded with zeros
+  (delta = 0 makes a padded step the identity map)."""
+  pad = -x.shape[1] % chunk
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  x = jnp.moveaxis(x, 1, 0)
+  return x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:])
+
+
+def _from_chunks(x: jax.Array, length: int) -> jax.Array:
+  """The inverse of `_to_chunks`: `[chunks, chunk, batch, ...]` -> `[batch, length, ...]`."""
+  return jnp.moveaxis(x.reshape(-1, *x.shape[2:]), 0, 1)[:, :length]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _recompute(u, delta, A, B, C, resets, chunk):
+  return _recompute_forward(u, delta, A, B, C, resets, chunk)[0]
+
+
+def _recompute_forward(u, delta, A, B, C, resets, chunk):
+  """Forward scan in chunks; keeps only the state entering each chunk (`[chunks, batch, channels, state]`)."""
+  step = _forward_step(A, keep_states=False)
+
+  def one_chunk(h, inputs):
+    h_last, y = jax.lax.scan(step, h, inputs)
+    return h_last, (y, h)
+
+  inputs = [_to_chunks(x, chunk) for x in (u, delta, B, C, resets)]
+  h0 = jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), u.dtype)
+  _, (y, h_in) = jax.lax.scan(one_chunk, h0, inputs)
+  return _from_chunks(y, u.shape[1]), (u, delta, A, B, C, resets, h_in)
+
+
+def _recompute_backward(chunk, saved, dy):
+  # The barrier ties the recomputation to this scan's incoming gradient, so that it runs when that arrives.
+  u, delta, A, B, C, resets, h_in, dy = jax.lax.optimization_barrier((*saved, dy))
+  forward_step = _forward_step(A, keep_states=True)
+
+  def adjoint_step(carry, inputs):
+    g_later, dA = carry  # g_later = exp(delta_{l+1} A) g_{l+1}: the gradient reaching h_l through step l+1
+    u_l, delta_l, B_l, C_l, reset_l, dy_l, h_prev = inputs
+    decay = _decay(delta_l, A, reset_l)
+    g = dy_l[..., None] * C_l[:, None, :] + g_later  # dL/dh_l
+    h_l = decay * h_prev + (delta_l * u_l)[..., None] * B_l[:, None, :]
+    through_decay = g * h_prev * decay  # dL/d(delta_l A), elementwise
+    g_B = jnp.einsum("bdn,bn->bd", g, B_l)
+    d_delta = jnp.einsum("bdn,dn->bd", through_decay, A) + g_B * u_l
+    dA = dA + jnp.einsum("bdn,bd->dn", through_decay, delta_l)
+    grads = (g_B * delta_l, d_delta, jnp.einsum("bdn,bd->bn", g, delta_l * u_l), jnp.einsum("bdn,bd->bn", h_l, dy_l))
+    return (decay * g, dA), grads
+
+  def one_chunk(carry, inputs):
+    *chunk_inputs, dy_c, h_start = inputs
+    _, (_, h_before) = jax.lax.scan(forward_step, h_start, chunk_inputs)  # this chunk's states, recomputed
+    return jax.lax.scan(adjoint_step, carry, (*chunk_inputs, dy_c, h_before), reverse=True)
+
+  inputs = [_to_chunks(x, chunk) for x in (u, delta, B, C, resets, dy)]
+  g0 = jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), u.dtype)
+  (_, dA), grads = jax.lax.scan(one_chunk, (g0, jnp.zeros_like(A)), (*inputs, h_in), reverse=True)
+  du, d_delta, dB, dC = (_from_chunks(x, u.shape[1]) for x in grads)
+  return du, d_delta, dA, dB, dC, None
+
+
+_recompute.defvjp(_recompute_forward, _recompute_backward)
 
 
 def _associative(u, delta, A, B, C, resets, reverse):
@@ -122,6 +210,14 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
   resets = None if resets is None else resets.astype(bool)
   if method == "sequential":
     y = _sequential(u, delta, A, B, C, resets, reverse)
+  elif method == "recompute":
+    resets = jnp.zeros(u.shape[:2], bool) if resets is None else resets
+    chunk = max(1, min(chunk_size, u.shape[1]))
+    if reverse:  # the reversed sequence scanned forward (a flip of [batch, length, channels] costs little)
+      flipped = [jnp.flip(x, axis=1) for x in (u, delta, B, C, resets)]
+      y = jnp.flip(_recompute(flipped[0], flipped[1], A, *flipped[2:], chunk), axis=1)
+    else:
+      y = _recompute(u, delta, A, B, C, resets, chunk)
   elif method == "associative":
     y = _associative(u, delta, A, B, C, resets, reverse)
   else:
