@@ -112,8 +112,8 @@ def main(argv: list[str]) -> None:
     bundle = model_dir.load_model_dir(_CHECKPOINT.value)
   except (FileNotFoundError, ValueError) as error:
     sys.exit(f"error: {error}")
-  if bundle.config.model.get("name", "ast") != "ast":
-    sys.exit(f"error: {_CHECKPOINT.value} holds a {bundle.config.model.name!r} model; predict runs AST models "
+  if bundle.config.model.get("name", "ast") not in ("ast", "aum"):
+    sys.exit(f"error: {_CHECKPOINT.value} holds a {bundle.config.model.name!r} model; predict runs AST and AuM models "
              "(evaluate ElasticAST with its config: python -m ast_jax.sweep --config=... --workdir=...)")
   names = model_dir.label_names_from_csv(_LABEL_CSV.value)[0] if _LABEL_CSV.value else bundle.label_names
   predictor = Predictor(bundle, _BATCH.value)

@@ -5,6 +5,9 @@ Data: AST datafile JSONs for the training and evaluation sets (`--config.data.tr
 `get_config('elastic')` is ElasticAST (REFERENCE.md 2) on the same data: clips at their own length up to 1024
 frames, each at a resolution q from {1.0, 1.2, ..., 4.0}, packed into rows of 2048 tokens with 10 % token
 dropout; waveform mixup is off (clips of their own length are not mixed).
+`get_config('aum')` is Audio Mamba base, Fo-Bi, from scratch (REFERENCE.md 5; upstream's
+exps/audioset/aum-base_scratch-audioset.sh): this recipe with AuM-base on non-overlapping 16x16 patches (512 patches
++ a middle CLS token). Upstream reports 32.74 mAP.
 """
 
 import ml_collections
@@ -28,8 +31,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.elastic(config, rows=4, row_tokens=2048, max_clips=16, max_frames=1024, drop_rate=0.1,
                    resolutions=tuple(round(1.0 + 0.2 * i, 1) for i in range(16)))
     config.eval_sweep.update(lengths=(256, 512, 1024), resolutions=(1.0, 2.0, 3.0, 4.0))
+  elif arg in ("aum", "aum_smoke"):
+    common.aum(config, "base", bidirectional="fo_bi", cls_position="middle")
   elif arg not in (None, "", "smoke"):
-    raise ValueError(f"configs/audioset.py takes no argument, 'smoke', 'elastic' or 'elastic_smoke', not {arg!r}")
-  if arg in ("smoke", "elastic_smoke"):
+    raise ValueError(f"configs/audioset.py takes no argument, 'smoke', 'elastic', 'elastic_smoke', 'aum' or "
+                     f"'aum_smoke', not {arg!r}")
+  if arg in ("smoke", "elastic_smoke", "aum_smoke"):
     common.shrink_for_smoke_test(config)
   return config

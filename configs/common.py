@@ -205,6 +205,26 @@ def elastic(config: ml_collections.ConfigDict, **packing) -> ml_collections.Conf
   return config
 
 
+def aum(config: ml_collections.ConfigDict, variant: str = "base", **model) -> ml_collections.ConfigDict:
+  """Turns a recipe into Audio Mamba (REFERENCE.md 5): the AuM backbone (24 bidirectional Mamba layers, no
+  attention) in place of the ViT, on upstream's non-overlapping 16x16 patches; data, front end, augmentation,
+  optimiser and trainer stay the recipe's. `model` overrides the fields below."""
+  config.model.update(name="aum", variant=variant, width=0, depth=0, fstride=16, tstride=16)
+  config.model.bidirectional = "fo_bi"  # fo_bi (upstream's base) | bi_bi (Vision Mamba) | fo_fo
+  config.model.cls_position = "middle"  # middle (N // 2) | head | tail | head_tail | none (mean pooling)
+  config.model.d_state = 16
+  config.model.d_conv = 4
+  config.model.expand = 2
+  config.model.dt_rank = 0  # 0: ceil(width / 16)
+  config.model.norm_eps = 1e-5
+  # Selective scan implementation (models/ssm.py): auto (recompute on CPU, chunked on GPU/TPU) | sequential |
+  # associative | chunked | recompute.
+  config.model.scan = "auto"
+  config.model.scan_chunk = 128
+  config.model.update(model)
+  return config
+
+
 def shrink_for_smoke_test(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same recipe (data format, front end, augmentation, loss, schedule) with a tiny model and batch, for a
   two-step check on a CPU. `get_config('smoke')` of every recipe returns this."""

@@ -7,7 +7,8 @@
 {8, 10, 12, 16, 20, 24, 32}; `:patch8` and `:patch16` are fixed-patch ASTs with the same patches at one size.
 `--config=configs/fsdd.py:coarse_to_fine` trains the AST recipe in two phases: 20 epochs on spectrograms
 max-pooled 2x along time (37 tokens instead of 79), then 10 at full resolution (train/phases.py).
-The data folder defaults to ../shared/data/fsdd beside the repository (`--config.data.path=` to change it).
+`--config=configs/fsdd.py:aum_tiny` and `:ast_tiny` compare Audio Mamba with the AST at the same width and budget
+(below). The data folder defaults to ../shared/data/fsdd beside the repository (`--config.data.path=` to change it).
 
 Recipe for learning a transformer from scratch on 2,700 short clips on a 2-core CPU:
 - FSDD is recorded at 8 kHz, so the mel filterbank spans 20 Hz-4 kHz (the band with content) with 64 bins;
@@ -29,6 +30,12 @@ step, 8 drawn 8 times as often as each other size (8 is the hardest size to shar
 and every step at a size other than 16 also takes the loss at 16 (`flexi_base_weight=0.5`: without it, sizes drawn
 uniformly from scratch reached 19 % in ten epochs, the 16x16 AST alone 76 %). Expected training compute 1.57 GFLOP per example
 (bench/flops.py), against 1.70 for `:patch8` and 0.43 for `:patch16`. Every model is swept over the seven sizes.
+
+AuM against AST (`:aum_tiny`, `:ast_tiny`): AuM-tiny (24 Mamba layers, width 192, 6.4 M parameters with 527
+classes) and AST-tiny (DeiT-tiny: 12 blocks, width 192, 3 heads) on upstream AuM's non-overlapping 16x16 patches
+(4 x 6 = 24 tokens), each with this recipe's data, augmentation and optimiser for 10 epochs. The shorter budget
+and the coarser patches keep AuM's run to about half an hour on a 2-core CPU, where its selective scans, not its
+projections, take most of a step (docs/RESULTS.md).
 """
 
 import os
@@ -47,9 +54,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      split="takes", batch_size=32, eval_batch_size=100, cache_audio=True, scan="decode")
   if arg == "speaker":
     config.data.update(split="speaker", held_out="theo")
-  elif arg not in (None, "", "smoke", "elastic", "elastic_smoke", "flexi", "patch8", "patch16", "coarse_to_fine"):
+  elif arg not in (None, "", "smoke", "elastic", "elastic_smoke", "flexi", "patch8", "patch16", "coarse_to_fine",
+                   "aum_tiny", "ast_tiny", "aum_smoke"):
     raise ValueError(f"configs/fsdd.py takes no argument, 'speaker', 'elastic', 'flexi', 'patch8', 'patch16', "
-                     f"'coarse_to_fine' or 'smoke', not {arg!r}")
+                     f"'coarse_to_fine', 'aum_tiny', 'ast_tiny' or 'smoke', not {arg!r}")
   config.audio.update(num_mel_bins=64, low_freq=20.0, high_freq=4000.0, target_length=100,
                       mean=FSDD_STATS[0], std=FSDD_STATS[1])
   config.augment.update(mixup=0.0, freq_mask=12, time_mask=20, roll=10)
@@ -78,6 +86,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Measured against the 30 full-resolution epochs: 36 % fewer training FLOPs, 35 % less training time, 98.00
     # against 97.67 % (docs/RESULTS.md, "Coarse-to-fine training on FSDD"). Each phase restarts the schedule.
     config.train.phases = "max_pool:2:20, full:1:10"
-  if arg in ("smoke", "elastic_smoke"):
+  if arg in ("aum_tiny", "ast_tiny", "aum_smoke"):
+    config.model.update(variant="tiny", width=0, depth=0, num_heads=0, patch_size=16, fstride=16, tstride=16)
+    if arg != "ast_tiny":
+      common.aum(config, "tiny")
+    config.train.epochs = 10
+    config.eval_sweep.update(lengths=(), resolutions=())
+  if arg in ("smoke", "elastic_smoke", "aum_smoke"):
     common.shrink_for_smoke_test(config)
   return config

@@ -48,9 +48,11 @@ def check_two_steps(record, workdir, num_examples):
   assert "mfu" not in record
 
 
-@pytest.mark.parametrize("recipe", [audioset, pytest.param(audioset_balanced, marks=pytest.mark.slow)])
-def test_audioset_recipes_run_two_steps(tmp_path, recipe):
-  config = recipe.get_config("smoke")
+@pytest.mark.parametrize("recipe, arg", [(audioset, "smoke"), pytest.param(audioset_balanced, "smoke",
+                                                                           marks=pytest.mark.slow),
+                                         pytest.param(audioset, "aum_smoke", marks=pytest.mark.slow)])
+def test_audioset_recipes_run_two_steps(tmp_path, recipe, arg):
+  config = recipe.get_config(arg)
   train, evaluation = audioset_datafiles(tmp_path)
   config.data.update(train_datafile=train, eval_datafile=evaluation)
   record = train_and_evaluate(config, str(tmp_path / "work"))

@@ -7,7 +7,13 @@ prefix tokens), width D, MLP width M:
   MLP 2 * 2*T*D*M;
 - head: 2*D*classes.
 Not counted: LayerNorm, softmax, GELU, biases, residual adds, the optimiser update, the front end. A train step is
-3x the forward pass (the backward pass is 2x). Rematerialised forward passes are not counted either: MFU counts
+3x the forward pass (the backward pass is 2x).
+
+AuM (`aum_forward_flops_breakdown`), per token and layer, width D, d_inner E = 2D, state N, dt rank R, conv K:
+in_proj 2*D*2E, conv 2*E*K, x_proj 2*E*(R + 2N), dt_proj 2*R*E, the scan 4*E*N per direction (the state update
+a h + b and the C readout, a multiply-add each), out_proj 2*E*D; conv, x_proj and dt_proj twice where a variant
+has a second branch (bi_bi, fo_fo). The exp of delta A and the other elementwise work are not counted,
+though on a CPU they, not the projections, take most of an AuM step (docs/RESULTS.md). Rematerialised forward passes are not counted either: MFU counts
 the model's FLOPs, not the hardware's, so remat lowers MFU rather than inflating it.
 """
 
@@ -60,6 +66,24 @@ def forward_flops_breakdown(*, width: int, depth: int, mlp_dim: int, num_tokens:
   }
 
 
+def aum_forward_flops_breakdown(*, width: int, depth: int, num_tokens: int, patch_size: int | tuple[int, int],
+                                num_patches: int, num_classes: int, bidirectional: str = "fo_bi", d_state: int = 16,
+                                d_conv: int = 4, expand: int = 2, dt_rank: int = 0) -> dict[str, float]:
+  """AuM forward FLOPs per example, by part (module docstring)."""
+  tokens, inner = float(num_tokens), float(expand * width)
+  dt_rank = dt_rank or -(-width // 16)
+  patch_freq, patch_time = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+  branches = 1 if bidirectional == "fo_bi" else 2  # separate conv/x_proj/dt_proj per direction
+  return {
+      "patch_embed": num_patches * patch_freq * patch_time * width * 2,
+      "in_proj": depth * 2 * tokens * width * 2 * inner,
+      "branch": depth * branches * 2 * tokens * inner * (d_conv + dt_rank + 2 * d_state + dt_rank),
+      "scan": depth * 2 * 4 * tokens * inner * d_state,  # two directions
+      "out_proj": depth * 2 * tokens * inner * width,
+      "head": 2 * width * num_classes,
+  }
+
+
 def forward_flops(**shape: Any) -> float:
   """Forward-pass FLOPs per example (see the module docstring for what is counted; arguments as
   `forward_flops_breakdown`'s)."""
@@ -83,6 +107,8 @@ def config_flops(config: Any) -> dict[str, float]:
   from ast_jax.models.ast import model_kwargs, patch_grid
   from ast_jax.models.flexi import scaled_strides
 
+  if config.model.get("name", "ast") == "aum":
+    return _aum_config_flops(config)
   kwargs = model_kwargs(config.model)
   width, depth = kwargs["width"], kwargs["depth"]
   mlp_dim = kwargs.get("mlp_ratio", 4) * width
@@ -113,6 +139,31 @@ def config_flops(config: Any) -> dict[str, float]:
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, patch_size=patch_size, freq=freq, time=time,
               num_patches=num_patches, tokens=tokens, forward_flops=forward_flops(**shape), train_flops=train_flops,
               tokens_per_step=tokens * batch, train_flops_per_step=train_flops * batch)
+
+
+def _aum_config_flops(config: Any) -> dict[str, float]:
+  """`config_flops` for AuM: tokens = patches + CLS tokens; no MLP (mlp_dim 0)."""
+  from ast_jax.audio.features import FrontEnd
+  from ast_jax.models.ast import patch_grid
+  from ast_jax.models.aum import aum_kwargs, cls_positions
+
+  kwargs = aum_kwargs(config.model)
+  patch_size = kwargs.get("patch_size", 16)
+  patch_time = kwargs.get("patch_time") or patch_size
+  frames = FrontEnd.from_config(config.audio).frames
+  freq, time = patch_grid(config.audio.num_mel_bins, frames, patch_size, kwargs.get("fstride", 16),
+                          kwargs.get("tstride", 16), patch_time)
+  num_patches = freq * time
+  tokens = num_patches + len(cls_positions(num_patches, kwargs.get("cls_position", "middle")))
+  parts = aum_forward_flops_breakdown(
+      width=kwargs["width"], depth=kwargs["depth"], num_tokens=tokens, patch_size=(patch_size, patch_time),
+      num_patches=num_patches, num_classes=config.num_classes,
+      **{key: kwargs[key] for key in ("bidirectional", "d_state", "d_conv", "expand", "dt_rank") if key in kwargs})
+  forward = sum(parts.values())
+  batch = config.data.batch_size
+  return dict(width=kwargs["width"], depth=kwargs["depth"], mlp_dim=0, patch_size=patch_size, freq=freq, time=time,
+              num_patches=num_patches, tokens=tokens, forward_flops=forward, train_flops=3 * forward,
+              tokens_per_step=tokens * batch, train_flops_per_step=3 * forward * batch)
 
 
 def _flexi_mean(config: Any, shape: dict[str, Any], stored: tuple[int, int]) -> tuple[float, float]:

@@ -1,10 +1,13 @@
-"""Convert AST weights: `python -m ast_jax.convert --from=hf|original|ast_jax --to=hf|original|ast_jax SRC DST`.
+"""Convert weights: `python -m ast_jax.convert --from=hf|original|aum|ast_jax --to=hf|original|aum|ast_jax SRC DST`.
 
 - ast_jax: a model directory (`model.safetensors` + `ast_jax.json`), as training writes to `workdir/model/`;
   a training workdir is accepted as SRC.
 - hf: a Hugging Face `ASTForAudioClassification` directory (model.safetensors, config.json, preprocessor_config.json).
 - original: an upstream `.pth` (YuanGongND/ast). It carries no config: reading one needs `--config=configs/X.py`
   (front end, strides, labels); writing one keeps only the weights.
+- aum: an upstream Audio Mamba `.pth` (kaistmm/Audio-Mamba-AuM state-dict names), for ast_jax models with
+  model.name='aum'. Reading one needs `--config` as for `original`; `ast_jax/convert/aum_torch.py` runs a written
+  one in plain PyTorch (`AudioMamba.from_state_dict`).
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-FORMATS = ("hf", "original", "ast_jax")
+FORMATS = ("hf", "original", "aum", "ast_jax")
 _FROM = flags.DEFINE_enum("from", None, FORMATS, "Format of SRC.")
 _TO = flags.DEFINE_enum("to", None, FORMATS, "Format of DST.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "With --from=original: the recipe the weights belong to "
-                                          "(model, front end, labels).")
-_LABEL_CSV = flags.DEFINE_string("label_csv", None, "With --from=original: label names (index,mid,display_name); "
+_CONFIG = config_flags.DEFINE_config_file("config", None, "With --from=original|aum: the recipe the weights belong "
+                                          "to (model, front end, labels).")
+_LABEL_CSV = flags.DEFINE_string("label_csv", None, "With --from=original|aum: label names (index,mid,display_name); "
                                  "default: the config's data.label_csv.")
 flags.mark_flags_as_required(["from", "to"])
 
@@ -35,10 +38,10 @@ def read(source_format: str, path: str):
     if unused:
       logging.warning("tensors in %s not used: %s", path, unused)
     return bundle
-  return read_original(path)
+  return read_original(path, source_format)
 
 
-def read_original(path: str):
+def read_original(path: str, source_format: str = "original"):
   import jax
   import jax.numpy as jnp
 
@@ -46,15 +49,26 @@ def read_original(path: str):
   from ast_jax.models import build_model, init_params
 
   if _CONFIG.value is None:
-    raise app.UsageError("--from=original needs --config=configs/X.py (the recipe the weights belong to)")
+    raise app.UsageError(f"--from={source_format} needs --config=configs/X.py (the recipe the weights belong to)")
   config = _CONFIG.value
+  if (source_format == "aum") != (config.model.get("name", "ast") == "aum"):
+    raise app.UsageError(f"--from={source_format} needs a config with model.name="
+                         f"{'aum' if source_format == 'aum' else 'ast'}, not {config.model.get('name', 'ast')!r}")
   label_csv = _LABEL_CSV.value or config.data.label_csv
   names, ids = model_dir.label_names_from_csv(label_csv) if label_csv else ([], [])
   model = build_model(config)
   example = jnp.zeros((1, config.audio.target_length, config.audio.num_mel_bins))
   template = jax.tree.map(jax.device_get, init_params(model, jax.random.key(0), example))
-  params, report = original.load_original(path, template, config.model, config.audio.num_mel_bins,
-                                          config.audio.target_length)
+  if source_format == "aum":
+    from ast_jax.convert.aum import load_upstream
+    from ast_jax.models.ast import patch_grid
+
+    grid = patch_grid(config.audio.num_mel_bins, config.audio.target_length, config.model.patch_size,
+                      config.model.fstride, config.model.tstride)
+    params, report = load_upstream(path, template, grid)
+  else:
+    params, report = original.load_original(path, template, config.model, config.audio.num_mel_bins,
+                                            config.audio.target_length)
   logging.info("%s: %s", path, report.summary())
   bundle_config = model_dir.bundle_config(config.model, config.audio, config.num_classes)
   return model_dir.ModelBundle(params, bundle_config, model_dir.default_label_names(config.num_classes, names), ids)
@@ -63,8 +77,17 @@ def read_original(path: str):
 def write(target_format: str, bundle, path: str) -> None:
   from ast_jax.convert import hf, model_dir, original
 
+  is_aum = bundle.config.model.get("name", "ast") == "aum"
+  if is_aum and target_format in ("hf", "original"):
+    raise ValueError(f"--to={target_format} holds AST models; an Audio Mamba model exports with --to=aum")
+  if target_format == "aum" and not is_aum:
+    raise ValueError(f"--to=aum holds Audio Mamba models, not {bundle.config.model.get('name', 'ast')!r}")
   if target_format == "ast_jax":
     model_dir.save_model_dir(path, bundle)
+  elif target_format == "aum":
+    from ast_jax.convert.aum import save_upstream
+
+    save_upstream(path, bundle.params)
   elif target_format == "hf":
     hf.save_hf(path, bundle)
   else:

@@ -130,6 +130,10 @@ def _num_heads(bundle: ModelBundle) -> int:
 def save_hf(path: str, bundle: ModelBundle) -> None:
   from safetensors.numpy import save_file
 
+  if bundle.config.model.get("name", "ast") != "ast":
+    raise ValueError(f"Hugging Face's ASTForAudioClassification holds AST models, not {bundle.config.model.name!r}"
+                     + ("; export Audio Mamba with --to=aum (ast_jax/convert/aum_torch.py runs it in PyTorch)"
+                        if bundle.config.model.name == "aum" else ""))
   os.makedirs(path, exist_ok=True)
   state = timm_to_hf(torch_layout.params_to_timm(bundle.params))
   save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

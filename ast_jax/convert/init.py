@@ -1,4 +1,5 @@
-"""`config.init_from`: start training from another checkpoint's weights instead of a random initialisation."""
+"""`config.init_from`: start training from another checkpoint's weights instead of a random initialisation
+(AST: ImageNet DeiT/ViT, upstream AST, Hugging Face, ast_jax; AuM: upstream AuM `.pth`, `aum:PATH`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ast_jax.convert.merge import merge_timm_state
 from ast_jax.models.ast import patch_grid
 
 log = logging.getLogger(__name__)
-KINDS = ("imagenet", "original", "hf", "ast_jax")
+KINDS = ("imagenet", "original", "hf", "ast_jax", "aum")
 
 
 def _grid(model: Mapping[str, Any], mel_bins: int, frames: int) -> tuple[int, int]:
@@ -24,6 +25,10 @@ def initial_params(init_from: str, template: Mapping[str, Any], config: Any) -> 
     raise ValueError(f"config.init_from={init_from!r}: expected 'KIND:PATH' with KIND one of {KINDS}")
   mel_bins, frames = config.audio.num_mel_bins, config.audio.target_length
   target_grid = _grid(config.model, mel_bins, frames)
+  if config.model.get("name", "ast") == "aum" or kind == "aum":
+    params, report = _aum_initial_params(kind, path, template, config, target_grid)
+    log.info("init from %s: %s", init_from, report.summary())
+    return params
   if kind == "imagenet":
     from ast_jax.convert.imagenet import imagenet_init, read_state_dict
 
@@ -43,3 +48,21 @@ def initial_params(init_from: str, template: Mapping[str, Any], config: Any) -> 
                                       source_grid=source_grid, target_grid=target_grid)
   log.info("init from %s: %s", init_from, report.summary())
   return params
+
+
+def _aum_initial_params(kind: str, path: str, template: Mapping[str, Any], config: Any,
+                        grid: tuple[int, int]) -> tuple[dict[str, Any], Any]:
+  """Audio Mamba from an upstream AuM `.pth` ('aum:PATH') or an ast_jax AuM model directory ('ast_jax:DIR')."""
+  from ast_jax.convert.aum import from_upstream, load_upstream, to_upstream
+
+  if config.model.get("name", "ast") != "aum" or kind not in ("aum", "ast_jax"):
+    raise ValueError(f"config.init_from={kind}:{path} does not fit model.name={config.model.get('name', 'ast')!r}: "
+                     "an Audio Mamba model (model.name='aum') starts from 'aum:PATH' (upstream .pth) or "
+                     "'ast_jax:DIR' (an AuM model directory), and only it from 'aum:PATH'")
+  if kind == "aum":
+    return load_upstream(path, template, grid)
+  source = model_dir.load_model_dir(path)
+  if source.config.model.get("name", "ast") != "aum":
+    raise ValueError(f"config.init_from=ast_jax:{path} holds a {source.config.model.get('name', 'ast')!r} model, "
+                     "not Audio Mamba")
+  return from_upstream(to_upstream(source.params), template, grid)

@@ -21,7 +21,11 @@ def build_model(config: Any) -> nn.Module:
     from ast_jax.models.elastic import ElasticAST, elastic_kwargs
 
     return ElasticAST(num_classes=config.num_classes, **elastic_kwargs(config))
-  raise ValueError(f"unknown model {name!r}; available: 'ast', 'elastic'")
+  if name == "aum":
+    from ast_jax.models.aum import AuM, aum_kwargs
+
+    return AuM(num_classes=config.num_classes, **aum_kwargs(config.model))
+  raise ValueError(f"unknown model {name!r}; available: 'ast', 'elastic', 'aum'")
 
 
 def example_inputs(config: Any) -> tuple[jax.Array, ...]:

@@ -70,15 +70,43 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"augment.time_mask={config.augment.time_mask} exceeds audio.target_length")
   problems += _mesh_problems(config)
   problems += _sweep_problems(config)
-  if config.model.get("name", "ast") not in ("ast", "elastic"):
-    problems.append(f"model.name={config.model.name!r} is not one of ('ast', 'elastic')")
+  if config.model.get("name", "ast") not in ("ast", "elastic", "aum"):
+    problems.append(f"model.name={config.model.name!r} is not one of ('ast', 'elastic', 'aum')")
   elif config.model.name == "elastic":
     problems += _packing_problems(config)
+  elif config.model.name == "aum":
+    problems += _aum_problems(config)
   problems += _flexi_problems(config)
   problems += _front_end_problems(config)
   problems += phases_problems(config)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _aum_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Audio Mamba: its switches, its size, and a patch grid that fits the input."""
+  from ast_jax.models.aum import BIDIRECTIONAL, CLS_POSITIONS, SCANS, VARIANTS
+
+  model, problems = config.model, []
+  for field, choices in (("bidirectional", BIDIRECTIONAL), ("cls_position", CLS_POSITIONS), ("scan", SCANS)):
+    if model.get(field) not in choices:
+      problems.append(f"model.{field}={model.get(field)!r} is not one of {choices}: build the config with "
+                      "configs.common.aum(config)")
+  if model.variant and model.variant not in VARIANTS:
+    problems.append(f"model.variant={model.variant!r} is not an AuM size {tuple(VARIANTS)} (or '' with model.width)")
+  elif not (model.variant or model.width > 0):
+    problems.append("model.width must be positive when model.variant is ''")
+  for field in ("d_state", "d_conv", "expand", "scan_chunk"):
+    if not (isinstance(model.get(field), int) and model.get(field) > 0):
+      problems.append(f"model.{field}={model.get(field)!r} must be a positive int")
+  if not problems:
+    from ast_jax.bench.flops import config_flops
+
+    try:
+      config_flops(config)  # the patch grid
+    except ValueError as error:
+      problems.append(f"model input: {error}")
+  return problems
 
 
 def _front_end_problems(config: ml_collections.ConfigDict) -> list[str]:
