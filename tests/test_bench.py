@@ -78,8 +78,38 @@ def test_peak_flops_lookup():
   assert flops.mfu(1e12, 1.0, 1, None) is None
 
 
+def test_aum_flops_hand_count():
+  # Width 16 (d_inner 32, dt rank 1, state 16, conv 4), 4 patches + 1 CLS token, one layer, 3 classes.
+  tokens = 5
+  in_proj, out_proj = 2 * tokens * 16 * 64, 2 * tokens * 32 * 16
+  branch = 2 * tokens * 32 * (4 + 1 + 32 + 1)  # conv, x_proj (rank + B + C), dt_proj
+  scan = 2 * 4 * tokens * 32 * 16  # two directions x (state update + readout)
+  shape = dict(width=16, depth=1, num_tokens=tokens, patch_size=16, num_patches=4, num_classes=3)
+  parts = flops.aum_forward_flops_breakdown(**shape)
+  assert sum(parts.values()) == 4 * 256 * 16 * 2 + in_proj + branch + scan + out_proj + 2 * 16 * 3
+  two_branches = flops.aum_forward_flops_breakdown(bidirectional="bi_bi", **shape)
+  assert two_branches["branch"] == 2 * parts["branch"] and two_branches["scan"] == parts["scan"]
+  # The recipe's count: AuM-base at 1024 frames holds 8 x 64 patches + the CLS token.
+  from configs.common import aum
+
+  counts = flops.config_flops(aum(base_config(), "base"))
+  assert (counts["freq"], counts["time"], counts["tokens"], counts["mlp_dim"]) == (8, 64, 513, 0)
+
+
+def test_aum_sweep_case_is_timed(tmp_path):
+  case = Case("tiny", 64, 1, stride=16, width=32, depth=1, backbone="aum")
+  (row,) = run_sweep([case], str(tmp_path), warmup=0, repeats=1, plot=False)
+  assert (row["backbone"], row["width"], row["tokens"], row["num_heads"]) == ("aum", 32, 8 * 4 + 1, 0)
+  assert row["attention"] == "scan=recompute" and row["ms_per_step"] > 0 and row["peak_memory_mb"] > 0
+  with pytest.raises(ValueError, match="backbone 'ast'"):
+    run_sweep([case], str(tmp_path), compare="torch", plot=False)
+
+
 def test_presets_and_overrides():
   assert len(expand_cases("tiny")) == 2 and len(expand_cases("lengths")) == 6 and len(expand_cases("gpu")) == 7
+  aum_cases = expand_cases("aum")
+  assert {case.backbone for case in aum_cases} == {"ast", "aum"} and len(aum_cases) == 14
+  assert [8 * case.frames // 16 for case in aum_cases[:7]] == [256, 512, 1024, 2048, 4096, 8192, 16384]
   assert {case.dtype for case in expand_cases("gpu")} == {"bfloat16"}
   # Every preset case takes the override, and cases that become equal are measured once.
   assert expand_cases("tiny", variants=["tiny"], frames=[128], batch=[1]) == [Case("tiny", 128, 1)]

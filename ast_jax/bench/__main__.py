@@ -1,20 +1,22 @@
-"""Time AST train and inference steps over a sweep of shapes: `python -m ast_jax.bench --sweep=tiny|lengths|gpu`.
+"""Time AST (and AuM) train and inference steps over a sweep of shapes: `python -m ast_jax.bench --sweep=NAME`.
 
   python -m ast_jax.bench --sweep=tiny --compare=torch          # CPU: AST-tiny b4 and AST-base b2, 1024 frames
   python -m ast_jax.bench --sweep=lengths                       # AST-tiny b2, 128..2048 frames (+ stride 16)
   python -m ast_jax.bench --sweep=gpu --attention=xla,cudnn     # AST-base bf16, batch 8..64, 512..2048 frames
+  python -m ast_jax.bench --sweep=aum                           # AuM-tiny vs AST-tiny, 256..16384 tokens, batch 1
   python -m ast_jax.bench --sweep=tiny --variants=tiny --frames=128,256 --batch=1 --repeats=3 --out=/tmp/b
 
-Presets (sweep.PRESETS) are lists of (variant, frames, batch, stride); --variants, --frames, --batch, --stride,
---attention and --remat set that axis in every preset case to each listed value (duplicates dropped); --dtype
+Presets (sweep.PRESETS) are lists of (variant, frames, batch, stride[, backbone]); --variants, --frames, --batch,
+--stride, --attention, --remat, --backbones and --scans set that axis in every preset case to each listed value (duplicates
+dropped; backbone aum is Audio Mamba of the variant's width, configs.common.aum); --dtype
 replaces the preset's dtype. Protocol per case: build from configs.common.base_config() (128 mel bins, 527
 classes), compile, --warmup untimed calls, median of --repeats timed calls; then the same for inference.
 With --compare=torch, transformers' ASTForAudioClassification (SDPA attention, Adam, BCE) is timed the same way.
 
 Columns of OUT/bench.csv (one row per case; empty = unknown or not measured):
   backbone, variant, width, depth, num_heads, frames, mel_bins, patch_size, fstride, tstride: the model and input;
-  tokens: patches + the 2 prefix tokens; batch; dtype (compute dtype; weights and Adam state stay float32);
-  attention, remat, scan_layers: the model switches (config.model); device: jax device kind; num_devices: 1;
+  tokens: patches + the prefix tokens (AST: cls + dist; AuM: its CLS token); batch; dtype (compute dtype; weights and Adam state stay float32);
+  attention, remat, scan_layers: the model switches (config.model; for AuM, attention names its selective scan); device: jax device kind; num_devices: 1;
   compile_s: trace + compile + first call of the train step; ms_per_step: median train step (forward with
   train=True, BCE over 527 classes, value_and_grad, Adam update, params and optimiser state donated);
   infer_compile_s, infer_ms_per_step: the same for the forward pass alone;
@@ -36,7 +38,9 @@ import os
 
 from absl import app, flags
 
-_SWEEP = flags.DEFINE_enum("sweep", "tiny", ["tiny", "lengths", "gpu"], "Preset list of cases.")
+_SWEEP = flags.DEFINE_enum("sweep", "tiny", ["tiny", "lengths", "gpu", "aum"], "Preset list of cases.")
+_BACKBONES = flags.DEFINE_list("backbones", [], "Backbones (ast, aum).")
+_SCANS = flags.DEFINE_list("scans", [], "AuM selective scans (auto, sequential, associative, chunked, recompute).")
 _COMPARE = flags.DEFINE_enum("compare", None, ["torch"], "Also time transformers' PyTorch AST on each case.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for bench.csv and bench.png (default: bench_out/<sweep>).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per step; the median is reported.", lower_bound=1)
@@ -72,7 +76,7 @@ def main(argv: list[str]) -> None:
       _SWEEP.value, variants=_VARIANTS.value, frames=_integers("frames", _FRAMES.value),
       batch=_integers("batch", _BATCH.value), stride=_integers("stride", _STRIDE.value), dtype=_DTYPE.value,
       attention=_ATTENTION.value, remat=_REMAT.value, scan_layers=_SCAN.value, width=_WIDTH.value,
-      depth=_DEPTH.value, num_heads=_HEADS.value)
+      depth=_DEPTH.value, num_heads=_HEADS.value, backbones=_BACKBONES.value, scans=_SCANS.value)
   try:
     sweep.check_cases(cases)
   except ValueError as error:

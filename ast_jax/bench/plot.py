@@ -13,7 +13,7 @@ def _series(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
   """Rows grouped into lines: one per model, batch and switches, ordered by tokens."""
   groups: dict[str, list[dict[str, Any]]] = {}
   for row in rows:
-    label = f"{row['variant']} D={row['width']} b{row['batch']} {row['dtype']}"
+    label = f"{row.get('backbone', 'ast')}-{row['variant']} D={row['width']} b{row['batch']} {row['dtype']}"
     if row.get("attention"):
       label += f" {row['attention']}"
     if row.get("remat", "none") != "none":
@@ -55,14 +55,16 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: str) -> str | None:
   if has_memory:
     sources = sorted({row["memory_source"] for row in rows})
     other_axis.set(xlabel="tokens per example", ylabel="MiB", title=f"Peak memory ({', '.join(sources)})",
-                   xscale="log")
+                   xscale="log", yscale="log")  # linear growth is a slope-1 line
   else:
     other_axis.set(xlabel="tokens per example", ylabel="examples / s", title="Train throughput", xscale="log")
   for axis in (time_axis, other_axis):
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7)
   device = rows[0]["device"] if rows else ""
-  figure.suptitle(f"AST train step on {device}")
+  names = {"ast": "AST", "aum": "AuM"}
+  backbones = sorted({names.get(str(row.get("backbone", "ast")), str(row.get("backbone"))) for row in rows})
+  figure.suptitle(f"{' vs '.join(backbones)} train step on {device}")
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   plt.close(figure)

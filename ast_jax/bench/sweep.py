@@ -47,34 +47,42 @@ class Case:
   width: int = 0
   depth: int = 0
   num_heads: int = 0
+  backbone: str = "ast"  # ast | aum (Audio Mamba of the variant's width, 24 layers)
+  scan: str = "auto"  # aum: the selective scan implementation (models/ssm.py)
 
 
-# Each preset: (variant, frames, batch, stride) rows and the compute dtype. REFERENCE.md 7 has the CPU numbers
-# the `tiny` preset is compared with (1024 frames at stride 10: 1212 patches).
+BACKBONES = ("ast", "aum")
+# Each preset: (variant, frames, batch, stride[, backbone]) rows and the compute dtype. REFERENCE.md 7 has the CPU
+# numbers the `tiny` preset is compared with (1024 frames at stride 10: 1212 patches). `aum`: AuM-tiny against
+# AST-tiny (both width 192) on non-overlapping 16x16 patches, 256 to 16384 tokens (8 x frames / 16), batch 1.
 PRESETS: dict[str, tuple[str, tuple[tuple[str, int, int, int], ...]]] = {
     "tiny": ("float32", (("tiny", 1024, 4, 10), ("base", 1024, 2, 10))),
     "lengths": ("float32", tuple(("tiny", frames, 2, 10) for frames in (128, 256, 512, 1024, 2048))
                 + (("tiny", 1024, 2, 16),)),
     "gpu": ("bfloat16", tuple(("base", 1024, batch, 10) for batch in (8, 32, 64))
             + (("base", 512, 32, 10), ("base", 2048, 32, 10), ("small", 1024, 64, 10), ("tiny", 1024, 64, 10))),
+    "aum": ("float32", tuple(("tiny", 2 * tokens, 1, 16, backbone) for backbone in BACKBONES
+                             for tokens in (256, 512, 1024, 2048, 4096, 8192, 16384))),
 }
 
 
 def expand_cases(preset: str, *, variants: Sequence[str] = (), frames: Sequence[int] = (),
                  batch: Sequence[int] = (), stride: Sequence[int] = (), dtype: str | None = None,
                  attention: Sequence[str] = (), remat: Sequence[str] = (), scan_layers: bool = False,
-                 width: int = 0, depth: int = 0, num_heads: int = 0) -> list[Case]:
+                 width: int = 0, depth: int = 0, num_heads: int = 0, backbones: Sequence[str] = (),
+                 scans: Sequence[str] = ()) -> list[Case]:
   """A preset's cases with the given axes overridden: every case takes each listed value (duplicates dropped)."""
   if preset not in PRESETS:
     raise ValueError(f"unknown sweep {preset!r}; choose one of {sorted(PRESETS)}")
   preset_dtype, rows = PRESETS[preset]
-  cases = [Case(*row, dtype=dtype or preset_dtype) for row in rows]
+  cases = [Case(*row[:4], dtype=dtype or preset_dtype, backbone=row[4] if len(row) > 4 else "ast") for row in rows]
   axes = (("variant", variants), ("frames", frames), ("batch", batch), ("stride", stride),
-          ("attention", attention), ("remat", remat))
+          ("attention", attention), ("remat", remat), ("backbone", backbones), ("scan", scans))
   for field, values in axes:
     if values:
       cases = [dataclasses.replace(case, **{field: value}) for case in cases for value in values]
-  cases = [dataclasses.replace(case, scan_layers=scan_layers, width=width, depth=depth, num_heads=num_heads)
+  cases = [dataclasses.replace(case, scan_layers=scan_layers, width=width, depth=depth, num_heads=num_heads,
+                               scan=case.scan if case.backbone == "aum" else "auto")  # AST has no scan
            for case in cases]
   return list(dict.fromkeys(cases))
 
@@ -87,6 +95,11 @@ def case_config(case: Case) -> ml_collections.ConfigDict:
   config.model.update(variant=case.variant, width=case.width, depth=case.depth, num_heads=case.num_heads,
                       fstride=case.stride, tstride=case.stride, dtype=case.dtype, attention=case.attention,
                       remat=case.remat, scan_layers=case.scan_layers)
+  if case.backbone == "aum":
+    from configs.common import aum
+
+    aum(config, case.variant, width=case.width, depth=case.depth, fstride=case.stride, tstride=case.stride,
+        scan=case.scan)
   config.audio.update(target_length=case.frames, num_mel_bins=MEL_BINS)
   config.num_classes = NUM_CLASSES
   return config
@@ -94,7 +107,13 @@ def case_config(case: Case) -> ml_collections.ConfigDict:
 
 def check_cases(cases: Sequence[Case]) -> None:
   """Fails before any timing when a case names an unknown variant, dtype or switch, or a too-short input."""
+  from ast_jax.models.aum import SCANS
+
   for case in cases:
+    if case.backbone not in BACKBONES:
+      raise ValueError(f"{case}: backbone {case.backbone!r} is not one of {BACKBONES}")
+    if case.scan not in SCANS:
+      raise ValueError(f"{case}: scan {case.scan!r} is not one of {SCANS}")
     try:
       flops.config_flops(case_config(case))
     except ValueError as error:
@@ -198,17 +217,20 @@ def case_row(case: Case, config: ml_collections.ConfigDict, device: jax.Device, 
              warmup: int, repeats: int, peak_override: float = 0.0) -> dict[str, Any]:
   """One CSV row: the case, its timings and the throughput, FLOP rate and MFU derived from them."""
   from ast_jax.models.ast import model_kwargs
+  from ast_jax.models.aum import resolve_scan
 
   counts = flops.config_flops(config)
+  aum = config.model.name == "aum"
   num_devices = 1  # the steps run unsharded on one device
   seconds = timings["ms_per_step"] / 1e3
   step_flops = counts["train_flops"] * case.batch
   peak = flops.peak_flops_per_device(device, case.dtype, peak_override)
   return dict(
       backbone=config.model.name, variant=case.variant, width=counts["width"], depth=counts["depth"],
-      num_heads=model_kwargs(config.model)["num_heads"], frames=case.frames, mel_bins=MEL_BINS,
+      num_heads=0 if aum else model_kwargs(config.model)["num_heads"], frames=case.frames, mel_bins=MEL_BINS,
       patch_size=counts["patch_size"], fstride=case.stride, tstride=case.stride, tokens=counts["tokens"],
-      batch=case.batch, dtype=case.dtype, attention=resolve_attention(case.attention, case.dtype), remat=case.remat,
+      batch=case.batch, dtype=case.dtype, remat=case.remat,
+      attention=f"scan={resolve_scan(config.model.scan)}" if aum else resolve_attention(case.attention, case.dtype),
       scan_layers=case.scan_layers,
       device=device.device_kind, num_devices=num_devices, examples_per_sec=case.batch / seconds,
       tokens_per_sec=case.batch * counts["tokens"] / seconds, train_gflops_per_example=counts["train_flops"] / 1e9,
@@ -260,6 +282,8 @@ def run_sweep(cases: Sequence[Case], out_dir: str, *, warmup: int = 2, repeats: 
   case, so an interrupted sweep keeps what it measured) and out_dir/bench.png. Returns the rows."""
   if compare not in (None, "", "torch"):
     raise ValueError(f"unknown comparison {compare!r}; only 'torch' is supported")
+  if compare and any(case.backbone != "ast" for case in cases):
+    raise ValueError("--compare=torch times transformers' AST: it applies to backbone 'ast' cases only")
   if compare:
     from ast_jax.bench import torch_ref
 
