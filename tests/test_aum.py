@@ -192,8 +192,9 @@ def test_upstream_state_dict_round_trip_with_module_prefix_and_another_length():
     from_upstream({name: value for name, value in state.items() if "conv1d_b" not in name}, params)
 
 
-# Every variant and every CLS position, in five small models (the slow suite runs all 15 pairs and AuM-tiny).
-PAIRS = [("fo_bi", "middle"), ("bi_bi", "head_tail"), ("fo_fo", "none"), ("fo_bi", "head"), ("bi_bi", "tail")]
+# Every CLS position in small models (AuM-tiny below has every variant with the middle CLS); the slow suite runs
+# all 15 pairs.
+PAIRS = [("bi_bi", "head_tail"), ("fo_fo", "none"), ("fo_bi", "head"), ("bi_bi", "tail")]
 ALL_PAIRS = [(bi, cls) for bi in ("fo_bi", "bi_bi", "fo_fo") for cls in CLS_POSITIONS]
 
 
@@ -217,7 +218,6 @@ def test_plain_pytorch_module_runs_exported_weights(bidirectional, cls_position)
   np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("bidirectional", ["fo_bi", "bi_bi", "fo_fo"])
 def test_tiny_export_parity_with_plain_pytorch(bidirectional):
   """AuM-tiny (24 layers, width 192), weights exported and run in plain PyTorch: logits within 1e-4 (CPU, fp32)."""
@@ -235,6 +235,7 @@ def test_tiny_export_parity_with_plain_pytorch(bidirectional):
     theirs = module(torch.from_numpy(spectrogram)).numpy()
   assert np.abs(ours).max() > 0.1
   np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)
+  print(f"AuM-tiny {bidirectional}: max |logit difference| {np.abs(theirs - ours).max():.2e}")
 
 
 def test_aum_trains_and_exports(tmp_path):
