@@ -156,6 +156,7 @@ def test_initialisation_follows_upstream():
   np.testing.assert_array_equal(params["head"]["bias"], 0.0)
 
 
+@pytest.mark.slow  # 8 s; tests/test_ssm.py checks the recompute gradients against float64 in the default suite
 def test_recompute_scan_gives_the_mixer_autodiff_gradients():
   """The mixer's output gradients with the hand-written backward pass (recompute) equal autodiff's (sequential);
   models/ssm.py's tests check every implementation against a float64 loop."""
@@ -169,6 +170,25 @@ def test_recompute_scan_gives_the_mixer_autodiff_gradients():
     results[scan] = jax.grad(loss, argnums=(0, 1))(params, hidden)
   for got, want in zip(jax.tree.leaves(results["recompute"]), jax.tree.leaves(results["sequential"])):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max() + 1e-9)
+
+
+@pytest.mark.slow  # 12 s; the default suite runs scanned layers in the AuM-tiny parity test
+def test_scanned_rematerialised_layers_give_the_same_logits_and_gradients():
+  from ast_jax.models.layers import scan_layers
+
+  spectrogram = np.random.default_rng(6).normal(size=(2, 32, 32)).astype(np.float32)
+  plain = AuM(num_classes=3, width=16, depth=2)
+  params = _perturbed(init_params(plain, jax.random.key(0), spectrogram))
+  stacked = AuM(num_classes=3, width=16, depth=2, scan_layers=True, remat="full")
+
+  def loss(model, p):
+    return jnp.sum(model.apply({"params": p}, spectrogram)[0] ** 2)
+
+  want, want_grads = jax.value_and_grad(lambda p: loss(plain, p))(params)
+  got, got_grads = jax.value_and_grad(lambda p: loss(stacked, p))(scan_layers(params))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(scan_layers(want_grads))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_upstream_state_dict_round_trip_with_module_prefix_and_another_length():

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ast_jax.models.ast import PatchEmbed, patch_grid
-from ast_jax.models.flexi import resize_pos_grid, scaled_strides
 from ast_jax.models.ssm import SCAN_METHODS, selective_scan
 from ast_jax.models.vit import REMAT_POLICIES, Dtype, constrain, trunc_normal, with_names
 
@@ -270,25 +269,22 @@ class AuM(nn.Module):
   @nn.compact
   def __call__(self, spectrogram: jax.Array, *, train: bool = False, patch: tuple[int, int] | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """spectrogram `[batch, frames, mel_bins]`; `patch` (frequency, time): run at another patch shape (FlexiAST:
-    PI-resized kernel, scaled strides, positional grid resized bilinearly)."""
+    """spectrogram `[batch, frames, mel_bins]`. `patch` is AST's FlexiAST switch; AuM runs at its own patch shape."""
     if self.cls_position not in CLS_POSITIONS:
       raise ValueError(f"cls_position={self.cls_position!r} is not one of {CLS_POSITIONS}")
-    batch, frames, mel_bins = spectrogram.shape
     own = (self.patch_size, self.patch_time or self.patch_size)
-    patch = None if patch is None or tuple(patch) == own else tuple(int(size) for size in patch)
+    if patch is not None and tuple(patch) != own:
+      raise ValueError(f"AuM runs at its own {own} patches, not {tuple(patch)} (FlexiAST applies to model.name='ast')")
+    batch, frames, mel_bins = spectrogram.shape
     grid = patch_grid(mel_bins, frames, self.patch_size, self.fstride, self.tstride, self.patch_time)
-    run_grid = grid if patch is None else patch_grid(
-        mel_bins, frames, patch[0], *scaled_strides(own, (self.fstride, self.tstride), patch), patch[1])
     tokens = PatchEmbed(self.width, self.patch_size, self.fstride, self.tstride, self.dtype, self.patch_time,
-                        name="patch_embed")(spectrogram.astype(self.dtype), patch)
+                        name="patch_embed")(spectrogram.astype(self.dtype))
     positions = cls_positions(tokens.shape[1], self.cls_position)
     names = ("cls_token_head", "cls_token_tail") if self.cls_position == "head_tail" else ("cls_token",)
     prefix = [self.param(name, with_names(trunc_normal, None, None, "embed"), (1, 1, self.width))
               for name in names[:len(positions)]]
     pos_embed = self.param("pos_embed", with_names(trunc_normal, None, None, "embed"),
                            (1, len(positions) + grid[0] * grid[1], self.width))
-    pos_embed = resize_pos_grid(pos_embed, grid, run_grid, num_prefix=len(positions))
     if positions:
       prefixed = jnp.concatenate([jnp.broadcast_to(p.astype(self.dtype), (batch, 1, self.width)) for p in prefix]
                                  + [tokens], axis=1)
