@@ -212,9 +212,9 @@ def test_upstream_state_dict_round_trip_with_module_prefix_and_another_length():
     from_upstream({name: value for name, value in state.items() if "conv1d_b" not in name}, params)
 
 
-# Every CLS position in small models (AuM-tiny below has every variant with the middle CLS); the slow suite runs
-# all 15 pairs.
-PAIRS = [("bi_bi", "head_tail"), ("fo_fo", "none"), ("fo_bi", "head"), ("bi_bi", "tail")]
+# The CLS positions other than the middle in small models (AuM-tiny below has every variant with the middle CLS;
+# the head position's table order is checked above); the slow suite runs all 15 pairs.
+PAIRS = [("bi_bi", "head_tail"), ("fo_fo", "none"), ("fo_bi", "tail")]
 ALL_PAIRS = [(bi, cls) for bi in ("fo_bi", "bi_bi", "fo_fo") for cls in CLS_POSITIONS]
 
 

@@ -96,6 +96,7 @@ def test_aum_flops_hand_count():
   assert (counts["freq"], counts["time"], counts["tokens"], counts["mlp_dim"]) == (8, 64, 513, 0)
 
 
+@pytest.mark.slow  # 6 s; test_sweep_cli_writes_csv keeps the bench in the default suite
 def test_aum_sweep_case_is_timed(tmp_path):
   case = Case("tiny", 64, 1, stride=16, width=32, depth=1, backbone="aum")
   (row,) = run_sweep([case], str(tmp_path), warmup=0, repeats=1, plot=False)

@@ -179,6 +179,7 @@ def test_phase_switch_in_training_and_resume_inside_a_phase(tmp_path, caplog):
   assert phase1["patch_embed"]["proj"]["kernel"].shape[:2] == (16, 16)
 
 
+@pytest.mark.slow  # 10 s; carry_params has its unit test and phased training its run in the default suite
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")
 def test_the_next_phase_starts_from_the_carried_weights(tmp_path):
   """With lr 0 in the last phase its weights stay where the switch put them: the first phase's final weights with
