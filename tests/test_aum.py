@@ -285,6 +285,14 @@ def test_aum_trains_and_exports(tmp_path):
   back, _ = from_upstream(read_state_dict(str(tmp_path / "aum.pth")), bundle.params)
   for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(bundle.params)):
     np.testing.assert_array_equal(got, want)
+  # And back through the command line: the .pth with the recipe's config -> an ast_jax model directory.
+  subprocess.run([sys.executable, "-m", "ast_jax.convert", "--from=aum", "--to=ast_jax",
+                  "--config=configs/fsdd.py:aum_smoke", str(tmp_path / "aum.pth"), str(tmp_path / "again")],
+                 cwd=root, check=True, capture_output=True, timeout=300)
+  again = model_dir.load_model_dir(str(tmp_path / "again"))
+  assert again.config.model.name == "aum"
+  for got, want in zip(jax.tree.leaves(again.params), jax.tree.leaves(bundle.params)):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_bad_aum_config_is_a_clear_error():

@@ -38,10 +38,11 @@ def read(source_format: str, path: str):
     if unused:
       logging.warning("tensors in %s not used: %s", path, unused)
     return bundle
-  return read_original(path, source_format)
+  return read_with_config(path, source_format)
 
 
-def read_original(path: str, source_format: str = "original"):
+def read_with_config(path: str, source_format: str):
+  """An upstream `.pth` (AST or AuM), which carries no config: the model, front end and labels come from --config."""
   import jax
   import jax.numpy as jnp
 

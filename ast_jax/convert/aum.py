@@ -48,12 +48,12 @@ def _to_torch(path: str, value: np.ndarray) -> np.ndarray:
 
 def _from_torch(path: str, value: np.ndarray) -> np.ndarray:
   if path.endswith("patch_embed/proj/kernel"):
-    return value.transpose(2, 3, 1, 0)
-  if re.search(r"/conv1d(_b)?/kernel$", path):
-    return value[:, 0, :].T
-  if path.endswith("/kernel"):
-    return value.T
-  return value
+    value = value.transpose(2, 3, 1, 0)
+  elif re.search(r"/conv1d(_b)?/kernel$", path):
+    value = value[:, 0, :].T
+  elif path.endswith("/kernel"):
+    value = value.T
+  return np.ascontiguousarray(value, np.float32)
 
 
 def to_upstream(params: Mapping[str, Any]) -> dict[str, np.ndarray]:

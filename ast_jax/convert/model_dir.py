@@ -40,7 +40,9 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray
     if isinstance(value, Mapping):
       flat.update(flatten(value, key + "/"))
     else:
-      flat[key] = np.asarray(value, np.float32)
+      # Contiguous: safetensors writes an array's buffer as it lies in memory, so a transposed view would be
+      # written in the wrong order.
+      flat[key] = np.ascontiguousarray(value, np.float32)
   return flat
 
 
