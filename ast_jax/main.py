@@ -5,6 +5,7 @@ Re-running the same command resumes from the latest checkpoint in the workdir.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -35,6 +36,24 @@ def default_workdir(config_argument: str) -> str:
   return os.path.join("workdirs", f"{name}_{arg}" if arg else name)
 
 
+def failure_message(error: Exception) -> str | None:
+  """The one-line message for an error that ends a run without a traceback (bad input, a full or unwritable disk,
+  a run stopped for non-finite numbers, no usable checkpoint); None for a bug, which keeps its traceback."""
+  from ast_jax.audio import AudioError
+  from ast_jax.data import DataError
+  from ast_jax.train.checkpoint import CheckpointWriteError, NoUsableCheckpoint
+  from ast_jax.train.config_checks import ConfigError
+  from ast_jax.train.trainer import TrainingStopped
+
+  if isinstance(error, (ConfigError, DataError, AudioError, FileNotFoundError, TrainingStopped, NoUsableCheckpoint,
+                        CheckpointWriteError)):
+    return str(error)
+  if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+    return (f"cannot write {error.filename or 'to the workdir'}: {error.strerror}. The checkpoints written so far "
+            "are complete: free space (or fix permissions) and run the same command again to resume.")
+  return None
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -45,24 +64,27 @@ def main(argv: list[str]) -> None:
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None)
-  from ast_jax.audio import AudioError
-  from ast_jax.data import DataError
-  from ast_jax.train.config_checks import ConfigError
   from ast_jax.train.trainer import train_and_evaluate  # after distributed init: it touches devices
 
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().partition("=")[2])
   logging.getLogger("ast_jax").info("workdir %s", os.path.abspath(workdir))
   try:
     record = train_and_evaluate(_CONFIG.value, workdir)
-  except (ConfigError, DataError, AudioError, FileNotFoundError) as error:  # bad input: the message, without a traceback
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    # A multi-process run exits at once rather than wait in jax.distributed's shutdown barrier for its peers.
-    os._exit(1) if _DISTRIBUTED.value else sys.exit(1)
+  except Exception as error:  # noqa: BLE001 - bad input or a run that stopped itself: the message, no traceback
+    message = failure_message(error)
+    if message is None:
+      raise
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Exit at once: a multi-process run rather than wait in jax.distributed's shutdown barrier for its peers, and
+    # any run rather than print library threads' own reports of the same failure after the message.
+    os._exit(1)
   print(json.dumps({"workdir": workdir, **record}))
 
 
 if __name__ == "__main__":
-  from ast_jax import runtime
+  from ast_jax import overrides, runtime
 
+  overrides.exit_on_unknown(sys.argv)  # a misspelt --config.key: one line naming it, before anything loads
   runtime.restart_with_tcmalloc()  # 15-30 % faster CPU steps (ast_jax/runtime.py)
   app.run(main)

@@ -81,7 +81,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  from ast_jax import runtime
+  from ast_jax import overrides, runtime
 
+  overrides.exit_on_unknown(sys.argv)
   runtime.restart_with_tcmalloc()
   app.run(main)

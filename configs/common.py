@@ -64,8 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
       num_workers=0,  # Grain worker processes; 0 reads in the main process
       prefetch_buffer_size=2,
       cache_audio=False,  # keep decoded waveforms in host memory (small data sets)
-      on_bad_audio="error",  # error: one error listing every bad file; skip: drop them and report the count
+      # error: one error listing every bad entry and file (python -m ast_jax.data.validate lists them too); skip:
+      # train without them, counted per kind of problem (Sources.skipped)
+      on_bad_audio="error",
       scan="header",  # header: check files' headers before training; decode: decode every file once; off
+      max_channels=2,  # files with more channels are bad data; mono and stereo are averaged to mono
+      sample_rates=(),  # the file rates a data set should have (others are bad data); (): any, resampled
   ))
 
   config.augment = ml_collections.ConfigDict(dict(
@@ -144,6 +148,9 @@ def base_config() -> ml_collections.ConfigDict:
       tensorboard=True,
       max_steps=0,  # > 0: stop after this many steps (the schedule stays the full run's); 0: run every epoch
       grad_accum_steps=1,  # split each batch into this many micro-batches, one update per batch
+      # A step whose loss or gradient is not finite updates nothing (counted in skipped_steps); this many in a row
+      # stop the run with the last checkpoint intact. 0: never stop.
+      max_consecutive_skips=10,
       # Multi-phase coarse-to-fine training (ast_jax/train/phases.py): 'method:factor:epochs[:optim_field=value]'
       # phases separated by commas, e.g. 'avg_pool:2:20, full:1:10'; methods full, frame_shift, avg_pool,
       # max_pool, patch. The epochs add up to train.epochs. Empty: one phase at full resolution.

@@ -68,6 +68,7 @@ def records(workdir: str) -> list[dict]:
   return [{key: value for key, value in line.items() if not key.endswith(wall_clock)} for line in lines]
 
 
+@pytest.mark.slow  # the default run kills and resumes in tests/test_faults.py
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")
 def test_sigkill_in_epoch_two_then_rerun_matches_uninterrupted(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")

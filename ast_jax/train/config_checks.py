@@ -52,7 +52,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0 <= _get(config, field) <= 1:
       problems.append(f"{field}={_get(config, field)!r} must lie in [0, 1]")
   for field in ("augment.freq_mask", "augment.time_mask", "data.num_workers", "train.checkpoint_every_steps",
-                "train.max_steps", "train.peak_flops"):
+                "train.max_steps", "train.peak_flops", "train.max_consecutive_skips"):
     if _get(config, field) < 0:
       problems.append(f"{field}={_get(config, field)!r} must not be negative")
   first, last = config.train.average_weights
@@ -63,12 +63,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   patch = config.model.patch_size
   if config.audio.target_length < patch or config.audio.num_mel_bins < patch:
     problems.append(f"audio.target_length={config.audio.target_length} x audio.num_mel_bins="
-                    f"{config.audio.num_mel_bins} is smaller than one {patch}x{patch} patch")
+                    f"{config.audio.num_mel_bins} is smaller than one {patch}x{patch} patch, so the patch grid is "
+                    "empty: raise audio.target_length / audio.num_mel_bins or lower model.patch_size")
   if config.augment.freq_mask > config.audio.num_mel_bins:
     problems.append(f"augment.freq_mask={config.augment.freq_mask} exceeds audio.num_mel_bins")
   if config.augment.time_mask > config.audio.target_length:
     problems.append(f"augment.time_mask={config.augment.time_mask} exceeds audio.target_length")
   problems += _mesh_problems(config)
+  problems += _data_problems(config)
   problems += _sweep_problems(config)
   if config.model.get("name", "ast") not in ("ast", "elastic", "aum"):
     problems.append(f"model.name={config.model.name!r} is not one of ('ast', 'elastic', 'aum')")
@@ -130,6 +132,17 @@ def _front_end_problems(config: ml_collections.ConfigDict) -> list[str]:
       config_flops(config)  # the patch grid of the pooled input
     except ValueError as error:
       problems.append(f"model input: {error}")
+  return problems
+
+
+def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The bad-data limits: a positive channel count, and sample rates as positive ints (empty: any rate)."""
+  max_channels, rates = config.data.get("max_channels", 2), tuple(config.data.get("sample_rates", ()))
+  problems = []
+  if not (isinstance(max_channels, int) and max_channels > 0):
+    problems.append(f"data.max_channels={max_channels!r} must be a positive int")
+  if not all(isinstance(rate, int) and rate > 0 for rate in rates):
+    problems.append(f"data.sample_rates={rates!r} must be positive ints in Hz (empty: any rate)")
   return problems
 
 

@@ -13,7 +13,7 @@ from ast_jax.audio import FrontEnd, model_input, slot_input
 from ast_jax.audio.fbank import num_frames
 from ast_jax.models.elastic import gather_packed, patchify
 from ast_jax.train.losses import classification_loss, scores_from_logits
-from ast_jax.train.state import TrainState
+from ast_jax.train.state import TrainState, apply_gradients
 
 Batch = dict[str, jax.Array]
 
@@ -70,13 +70,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
       (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": jnp.asarray(schedule(state.step))}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              epoch_loss_sum=state.epoch_loss_sum + loss,
-                              epoch_loss_count=state.epoch_loss_count + 1)
-    return new_state, metrics
+    new_state, grad_norm = apply_gradients(state, tx, loss, grads)
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state.step))}
 
   return train_step
 
@@ -154,13 +149,9 @@ def make_packed_train_step(model: nn.Module, tx: optax.GradientTransformation, s
                                  batch["clip_mask"].reshape(-1), loss_kind, label_smoothing)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": jnp.asarray(schedule(state.step)),
-               "packing_efficiency": jnp.mean(batch["segment_ids"] > 0)}
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state, epoch_loss_sum=state.epoch_loss_sum + loss,
-                              epoch_loss_count=state.epoch_loss_count + 1)
-    return new_state, metrics
+    new_state, grad_norm = apply_gradients(state, tx, loss, grads)
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state.step)),
+                       "packing_efficiency": jnp.mean(batch["segment_ids"] > 0)}
 
   return train_step
 

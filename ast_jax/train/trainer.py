@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any, Iterable
@@ -25,33 +26,50 @@ from ast_jax.parallel import (batch_sharding, create_sharded, data_parallel_size
                               make_mesh, put_host_tree, replicated, sharded_jit, to_host)
 from ast_jax.parallel.sharding import partitioning, shardings_of
 from ast_jax.train import state as state_lib
-from ast_jax.train.checkpoint import Checkpointer
+from ast_jax.train import faults
+from ast_jax.train.checkpoint import Checkpointer, CorruptCheckpoint
 from ast_jax.train.config_checks import ConfigError, validate_config
 from ast_jax.train.metrics import classification_metrics
 from ast_jax.train.optim import make_optimizer, make_schedule
 from ast_jax.train.phases import PhasePlan, carry_params, phase_of_checkpoint, plan_phases
 from ast_jax.train.steps import make_eval_step, make_packed_eval_step, make_packed_train_step, make_train_step
 from ast_jax.train.sweep import run_sweep
+from ast_jax.train.workdir import check_workdir, checkpoint_bytes
 from ast_jax.train.writers import MetricsWriter, Progress
 
 log = logging.getLogger(__name__)
 
 
+class TrainingStopped(RuntimeError):
+  """The run stopped itself: too many consecutive updates skipped for non-finite numbers. Checkpoints are intact."""
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the last evaluation record.
+  """Trains `config` in `workdir`, resuming from its latest usable checkpoint. Returns the last evaluation record.
 
   A multi-phase run (`train.phases`, train/phases.py) trains its phases one after another in one step count; a
   single-phase run is one full-resolution phase. Every evaluation record carries the training FLOPs (analytic) and
   seconds spent so far in each phase.
+
+  The config, the mesh, the batch sizes and the workdir are checked before any data is read or compiled. A latest
+  checkpoint that turns out unreadable or corrupt is moved aside and the run starts over from the one before it.
   """
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
   try:
     mesh = make_mesh(config.mesh)
   except ValueError as error:  # e.g. a mesh needing more devices than there are
     raise ConfigError(str(error)) from None
-  rules = logical_rules(config.sharding_rules)
   check_batch_divides(config, mesh)
+  check_workdir(workdir, checkpoint_bytes(config))
+  while True:
+    try:
+      return _train(config, workdir, mesh)
+    except CorruptCheckpoint:  # moved aside, with a warning naming the checkpoint used instead
+      continue
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Any) -> dict[str, Any]:
+  rules = logical_rules(config.sharding_rules)
 
   # Input: each process reads its block of every global batch (fixed-length clips, or packed rows of clips). The
   # same waveforms feed every phase: the front end, where a phase compresses time, runs inside the step.
@@ -74,13 +92,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Phases, from the one that wrote the latest checkpoint; the weights carry from each phase to the next.
   state, carried, final_plan = None, None, plans[0]
-  for plan in plans[phase_of_checkpoint(plans, run.latest_step):]:
-    if plan.first_step >= total_steps and plan.index > 0:
-      break
-    final_plan = plan
-    state, record, shardings = run.phase(plan, carried)
-    if plan.index + 1 < len(plans) and int(state.step) == plan.end_step:
-      carried = carry_params(to_host(state.params), plan.config, plans[plan.index + 1].config)
+  try:
+    for plan in plans[phase_of_checkpoint(plans, run.latest_step):]:
+      if plan.first_step >= total_steps and plan.index > 0:
+        break
+      final_plan = plan
+      state, record, shardings = run.phase(plan, carried)
+      if plan.index + 1 < len(plans) and int(state.step) == plan.end_step:
+        carried = carry_params(to_host(state.params), plan.config, plans[plan.index + 1].config)
+  except (CorruptCheckpoint, TrainingStopped):
+    run.progress.close()
+    run.close()  # waits for saves in flight: the checkpoints written so far stay complete
+    raise
   run.progress.close()
 
   final_config = final_plan.config
@@ -182,17 +205,17 @@ class _Run:
     throughput = Throughput(inputs.examples_per_step, flops["tokens_per_step"], flops["train_flops_per_step"], peak,
                             jax.device_count())
     for step in range(start_step, end_step):
-      batch = global_batch(mesh, next(self.train_iter))
+      batch = global_batch(mesh, faults.poison(next(self.train_iter), step + 1))
       if flexi_steps is not None:
         state, metrics = flexi_steps(step_patch(config, step), state, batch)
       else:
         state, metrics = train_step(state, batch)
       done, epoch = step + 1, step // steps_per_epoch + 1
+      faults.after_step(done)
       if done % config.train.log_every_steps == 0 or done == end_step:
         last_loss = float(metrics["loss"])  # waits for the step, so the interval's rate is measured
-        if not np.isfinite(last_loss):
-          raise FloatingPointError(f"training loss is {last_loss} at step {done}; the last checkpoint is intact")
-        scalars = {"train/loss": last_loss, "train/lr": float(metrics["lr"]),
+        skipped = self.check_skips(state, done)
+        scalars = {"train/loss": last_loss, "train/lr": float(metrics["lr"]), "train/skipped_steps": skipped,
                    "train/grad_norm": float(metrics["grad_norm"]), **throughput.interval(done)}
         if "packing_efficiency" in metrics:
           scalars["train/packing_efficiency"] = float(metrics["packing_efficiency"])
@@ -202,13 +225,14 @@ class _Run:
       self.progress.update(done, epoch, last_loss, rate)
       if done % steps_per_epoch == 0 or done == end_step:  # an epoch's end, or the last (max_steps) step
         jax.block_until_ready(state)
+        skipped = self.check_skips(state, done)  # before anything is saved
         epoch_seconds = time.perf_counter() - epoch_start_time
         self.phase_seconds[plan.index] += epoch_seconds
         if first_avg <= epoch <= last_avg:
           state = state_lib.accumulate_average(state)
         train_loss = float(state.epoch_loss_sum / jnp.maximum(state.epoch_loss_count, 1))
         state = state_lib.reset_epoch_loss(state)
-        self.epoch_stats = {"train_loss": train_loss, "lr": float(metrics["lr"]),
+        self.epoch_stats = {"train_loss": train_loss, "lr": float(metrics["lr"]), "skipped_steps": skipped,
                             **throughput.summary(done - epoch_start_step, epoch_seconds)}
         if logged_efficiency:
           self.epoch_stats["train_packing_efficiency"] = float(np.mean(logged_efficiency))
@@ -219,6 +243,7 @@ class _Run:
                                {**self.run_meta, "epoch": epoch, "phase_seconds": self.phase_seconds})
         epoch_start_time, epoch_start_step = time.perf_counter(), done
       elif config.train.checkpoint_every_steps and done % config.train.checkpoint_every_steps == 0:
+        self.check_skips(state, done)
         self.checkpointer.save(done, state, self.train_iter,
                                {**self.run_meta, "epoch": epoch - 1, "phase_seconds": self.phase_seconds})
     if num_phases > 1 and int(state.step) == plan.end_step:
@@ -226,6 +251,22 @@ class _Run:
                plan.phase.name, plan.phase.epochs, self.phase_flops(plan.end_step)[plan.index] / 1e12,
                self.phase_seconds[plan.index])
     return state, record, state_shardings
+
+  def check_skips(self, state: state_lib.TrainState, step: int) -> int:
+    """Stops the run (`TrainingStopped`) once `train.max_consecutive_skips` updates in a row were skipped for a
+    non-finite loss or gradient; else returns the number skipped so far. Checked at logged steps and before every
+    save, so no checkpoint is written after the limit is reached."""
+    skipped, longest = (int(x) for x in jax.device_get((state.skipped_steps, state.longest_skip_run)))
+    limit = self.config.train.max_consecutive_skips
+    if limit and longest >= limit:
+      last = self.checkpointer.latest_step()
+      raise TrainingStopped(
+          f"{longest} consecutive training steps had a non-finite loss or gradient (checked at step {step}; "
+          f"{skipped} skipped in all), so the run stopped. "
+          + (f"The last checkpoint (step {last}) is intact. " if last else "No checkpoint was written. ")
+          + "Lower optim.lr or set optim.grad_clip_norm, check the data (python -m ast_jax.data.validate "
+          "--config=...), or raise train.max_consecutive_skips.")
+    return skipped
 
   def phase_flops(self, step: int) -> list[float]:
     """Training FLOPs (analytic) of each phase up to run step `step`, from the steps each has run by then."""
@@ -237,7 +278,8 @@ class _Run:
     ledger = {"phase": plan.phase.name, "train_seconds": float(sum(self.phase_seconds)),
               "train_flops": float(sum(flops)), "phase_seconds": list(self.phase_seconds), "phase_flops": flops}
     record = {"epoch": epoch, "step": step,
-              **evaluate_params(self.eval_step, params, self.inputs.eval_batches(**self.host), self.mesh),
+              **evaluate_params(self.eval_step, params, faults.during_eval(self.inputs.eval_batches(**self.host),
+                                                                           step), self.mesh),
               **extra, **self.packing_stats, **ledger, "skipped_files": self.sources.skipped_files}
     self.writer.write_record(record)
     log.info("eval epoch %d step %d: %s", epoch, step, _summary(record))
@@ -331,12 +373,17 @@ def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any) -> None:
     sizes = (("data.batch_size", config.data.batch_size),
              ("data.eval_batch_size", config.data.eval_batch_size or config.data.batch_size))
   for name, size in sizes:
-    if size % dp or size % jax.process_count():
-      raise ConfigError(f"config.{name}={size} must divide over the {dp} data-parallel devices (mesh "
-                        f"{dict(mesh.shape)}) and {jax.process_count()} processes")
-  if not is_packed(config) and config.data.batch_size % (accum * dp):
-    raise ConfigError(f"config.data.batch_size={config.data.batch_size} must divide into grad_accum_steps={accum} "
-                      f"micro-batches of a multiple of {dp} data-parallel devices")
+    unit = math.lcm(dp, jax.process_count())
+    if size % unit:
+      raise ConfigError(f"config.{name}={size} does not split evenly over the {dp} data-parallel devices (mesh "
+                        f"{dict(mesh.shape)}) and {jax.process_count()} process(es): set it to a multiple of {unit} "
+                        f"(e.g. --config.{name}={max(unit, size // unit * unit)}), or change config.mesh")
+  unit = accum * dp
+  if not is_packed(config) and config.data.batch_size % unit:
+    raise ConfigError(f"config.data.batch_size={config.data.batch_size} does not split into grad_accum_steps={accum} "
+                      f"micro-batches over {dp} data-parallel devices: set it to a multiple of {unit} (e.g. "
+                      f"--config.data.batch_size={max(unit, config.data.batch_size // unit * unit)}) or change "
+                      "train.grad_accum_steps")
 
 
 class Throughput:

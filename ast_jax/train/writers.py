@@ -39,22 +39,33 @@ class MetricsWriter:
 
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step or None)
 
+  def _records(self) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a line cut short (a kill or a full disk while appending) is dropped."""
+    if not os.path.exists(self.path):
+      return []
+    records = []
+    with open(self.path) as handle:
+      for number, line in enumerate(handle, 1):
+        if not line.strip():
+          continue
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          log.warning("%s line %d is incomplete (the run was stopped while writing it); dropped", self.path, number)
+    return records
+
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):
       return
-    with open(self.path) as handle:
-      kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [record for record in self._records() if record.get("step", 0) <= step]
     with open(self.path + ".tmp", "w") as handle:
-      handle.writelines(kept)
+      handle.writelines(json.dumps(record) + "\n" for record in kept)
     os.replace(self.path + ".tmp", self.path)
 
   def last_record(self) -> dict[str, Any] | None:
     """The last evaluation record in metrics.jsonl, or None."""
-    if not os.path.exists(self.path):
-      return None
-    with open(self.path) as handle:
-      lines = [line for line in handle if line.strip()]
-    return json.loads(lines[-1]) if lines else None
+    records = self._records()
+    return records[-1] if records else None
 
   def write_record(self, record: dict[str, Any]) -> None:
     """One evaluation: appended to metrics.jsonl and mirrored to TensorBoard under `eval/`."""
