@@ -12,9 +12,11 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -122,6 +124,35 @@ def test_killed_during_a_step_an_evaluation_and_a_save_resumes_to_the_uninterrup
   run_to_end(environment, workdir)
   assert (records(workdir), steps(workdir)) == before
 
+
+
+@pytest.mark.slow
+def test_killed_at_random_moments_then_finished(environment, straight, tmp_path):
+  """Five attempts, each SIGKILLed from outside at a random moment 0-3 s after it logs its first training step (in
+  steps, evaluations, saves: wherever it lands), then the same command to the end: the result is the uninterrupted
+  run's."""
+  rng, workdir, kills = random.Random(), str(tmp_path / "resumed"), []
+  command = [sys.executable, "-m", "ast_jax.main", "--config=configs/demo.py", f"--workdir={workdir}", *OVERRIDES]
+  for attempt in range(5):
+    log_path = tmp_path / f"attempt_{attempt}.log"
+    with open(log_path, "w") as log:
+      process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env=environment)
+      while process.poll() is None and not re.search(r"step \d+/", log_path.read_text()):
+        time.sleep(0.02)
+      delay = rng.uniform(0.0, 3.0)
+      try:
+        process.wait(timeout=delay)
+      except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        logged = re.findall(r"step (\d+)/", log_path.read_text())
+        kills.append({"after_s": round(delay, 2), "last_logged_step": int(logged[-1]), "checkpoints": steps(workdir)})
+    if process.returncode == 0:
+      break
+  run_to_end(environment, workdir)
+  print(f"{len(kills)} kills: {kills}")
+  assert kills
+  assert_same_run(straight, workdir)
 
 def flip_one_bit(path: str) -> None:
   with open(path, "r+b") as handle:
