@@ -38,14 +38,14 @@ def default_workdir(config_argument: str) -> str:
 
 def failure_message(error: Exception) -> str | None:
   """The one-line message for an error that ends a run without a traceback (bad input, a full or unwritable disk,
-  a run stopped for non-finite numbers, no usable checkpoint); None for a bug, which keeps its traceback."""
+  a run stopped for non-finite numbers); None for a bug, which keeps its traceback."""
   from ast_jax.audio import AudioError
   from ast_jax.data import DataError
-  from ast_jax.train.checkpoint import CheckpointWriteError, NoUsableCheckpoint
+  from ast_jax.train.checkpoint import CheckpointWriteError
   from ast_jax.train.config_checks import ConfigError
   from ast_jax.train.trainer import TrainingStopped
 
-  if isinstance(error, (ConfigError, DataError, AudioError, FileNotFoundError, TrainingStopped, NoUsableCheckpoint,
+  if isinstance(error, (ConfigError, DataError, AudioError, FileNotFoundError, TrainingStopped,
                         CheckpointWriteError)):
     return str(error)
   if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):

@@ -183,6 +183,22 @@ def test_corrupt_latest_checkpoints_are_moved_aside_and_the_previous_one_used(en
   assert_same_run(straight, workdir)
 
 
+
+@pytest.mark.slow
+def test_with_every_checkpoint_corrupt_the_run_starts_from_the_beginning(environment, straight, tmp_path):
+  workdir = str(tmp_path / "resumed")
+  run_killed(environment, workdir, "kill@eval:48")
+  for step in steps(workdir):
+    arrays = glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "ocdbt.process_0", "d", "*"))
+    flip_one_bit(max(arrays, key=os.path.getsize))
+  corrupted = steps(workdir)
+  assert corrupted
+  log = run_to_end(environment, workdir)
+  assert "no earlier checkpoint is left: the run starts from the beginning" in log
+  assert "restored checkpoint" not in log
+  assert len(os.listdir(os.path.join(workdir, "corrupt_checkpoints"))) == len(corrupted)
+  assert_same_run(straight, workdir)
+
 def test_non_finite_steps_are_skipped_and_counted(environment, tmp_path):
   """NaN waveforms in the batches of steps 5, 40 and 41: those updates are skipped and counted, nothing else
   changes, and the run completes with finite parameters and losses."""

@@ -36,10 +36,6 @@ class CorruptCheckpoint(RuntimeError):
   """The latest checkpoint could not be restored and has been moved aside; the run restarts from the previous one."""
 
 
-class NoUsableCheckpoint(RuntimeError):
-  """Every checkpoint of the run failed to restore."""
-
-
 class CheckpointWriteError(RuntimeError):
   """An asynchronous save failed (a full disk, lost permissions); the checkpoints committed before it are intact."""
 
@@ -116,8 +112,8 @@ class Checkpointer:
     mesh than the one that saved it) and moves `data_iterator` to the saved position. Returns (state, meta), or
     None when there is no checkpoint.
 
-    Raises `CorruptCheckpoint` after moving an unreadable or corrupt latest checkpoint aside (the caller starts
-    again, from the previous one), and `NoUsableCheckpoint` when it was the only one.
+    Raises `CorruptCheckpoint` after moving an unreadable or corrupt latest checkpoint aside: the caller starts
+    again, from the previous one (from the beginning when it was the only one).
     """
     step = self.manager.latest_step()
     if step is None:
@@ -138,13 +134,14 @@ class Checkpointer:
       log.info("restored checkpoint at step %d", step)
       return restored["state"], restored["meta"]
     self._move_aside(step, problem)
-    raise (CorruptCheckpoint if self.manager.latest_step() is not None else NoUsableCheckpoint)(
-        f"checkpoint {step} in {self.directory} is unusable ({problem}); moved to {self.corrupt_directory}")
+    raise CorruptCheckpoint(f"checkpoint {step} in {self.directory} is unusable ({problem}); moved to "
+                            f"{self.corrupt_directory}")
 
   def _move_aside(self, step: int, problem: str) -> None:
     previous = [s for s in self.manager.all_steps() if s < step]
     log.warning("checkpoint %d is unusable: %s. Moving it to %s; %s", step, problem, self.corrupt_directory,
-                f"resuming from checkpoint {max(previous)}" if previous else "no earlier checkpoint is left")
+                f"resuming from checkpoint {max(previous)}" if previous else "no earlier checkpoint is left: the "
+                "run starts from the beginning")
     if jax.process_index() == 0:
       os.makedirs(self.corrupt_directory, exist_ok=True)
       target = os.path.join(self.corrupt_directory, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
