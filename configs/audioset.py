@@ -20,7 +20,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_classes = 527
   config.data.update(source="datafile", train_datafile="data/audioset/train_full.json",
                      eval_datafile="data/audioset/eval.json", label_csv=common.AUDIOSET_LABELS,
-                     batch_size=12, balanced_sampling=True, num_workers=8, scan="header")
+                     batch_size=12, balanced_sampling=True, num_workers=8, scan="header",
+                     sample_rates=(16000,))
   config.audio.update(target_length=1024, mean=common.AUDIOSET_STATS[0], std=common.AUDIOSET_STATS[1])
   config.augment.update(mixup=0.5, freq_mask=48, time_mask=192)
   config.model.update(variant="base", fstride=10, tstride=10)

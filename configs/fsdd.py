@@ -51,7 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = common.base_config()
   config.num_classes = 10
   config.data.update(source="folder", path=os.path.normpath(os.path.join(common.SHARED_DATA, "fsdd")),
-                     split="takes", batch_size=32, eval_batch_size=100, cache_audio=True, scan="decode")
+                     split="takes", batch_size=32, eval_batch_size=100, cache_audio=True, scan="decode",
+                     sample_rates=(8000,))
   if arg == "speaker":
     config.data.update(split="speaker", held_out="theo")
   elif arg not in (None, "", "smoke", "elastic", "elastic_smoke", "flexi", "patch8", "patch16", "coarse_to_fine",

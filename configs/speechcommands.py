@@ -15,7 +15,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_classes = 35
   config.data.update(source="speechcommands", path="data/speech_commands_v0.02",
                      label_csv=common.SPEECHCOMMANDS_LABELS, eval_split="test", batch_size=128, num_workers=8,
-                     scan="header")
+                     scan="header", sample_rates=(16000,))
   config.audio.update(target_length=128, mean=common.SPEECHCOMMANDS_STATS[0], std=common.SPEECHCOMMANDS_STATS[1])
   config.augment.update(mixup=0.6, freq_mask=48, time_mask=48, noise=True, roll=10)
   config.model.update(variant="base", fstride=10, tstride=10)

@@ -1,10 +1,15 @@
 """Decoding: integer and float formats, down-mix, resampling to 16 kHz, and errors that name the file."""
 
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
 
 from ast_jax.audio import AudioError, load_audio, remove_mean
+from ast_jax.audio.io import FILE_KINDS
+
+RECORDINGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fsdd", "recordings")
 
 
 @pytest.mark.parametrize("subtype,scale", [("PCM_16", 2**15), ("PCM_24", 2**23), ("PCM_32", 2**31),
@@ -49,17 +54,32 @@ def test_errors_name_the_file_and_the_problem(tmp_path):
   sf.write(str(tmp_path / "stereo44k.wav"), np.zeros((441, 2), np.float32) + 0.1, 44100)
   sf.write(str(tmp_path / "no_samples.wav"), np.zeros(0, np.float32), 16000)
   cases = [
-      ("missing.wav", {}, "not found"),
-      ("empty.wav", {}, "empty"),
-      ("corrupt.wav", {}, "cannot decode"),
-      ("no_samples.wav", {}, "no audio samples"),
-      ("nan.wav", {}, "NaN"),
-      ("silent.wav", {"reject_silent": True}, "silent"),
-      ("stereo44k.wav", {"expected_sample_rate": 16000}, "44100 Hz, expected 16000"),
-      ("stereo44k.wav", {"expected_channels": 1}, "2 channels, expected 1"),
+      ("missing.wav", {}, "not found", "file not found"),
+      ("empty.wav", {}, "empty", "empty file"),
+      ("corrupt.wav", {}, "cannot decode", "not audio"),
+      ("no_samples.wav", {}, "no audio samples", "too short"),
+      ("nan.wav", {}, "NaN", "non-finite samples"),
+      ("silent.wav", {"reject_silent": True}, "silent", "silent"),
+      ("stereo44k.wav", {"expected_sample_rate": 16000}, "44100 Hz, expected 16000", "sample rate"),
+      ("stereo44k.wav", {"expected_channels": 1}, "2 channels, expected 1", "too many channels"),
   ]
-  for name, options, problem in cases:
+  for name, options, problem, kind in cases:
     with pytest.raises(AudioError, match=problem) as error:
       load_audio(str(tmp_path / name), **options)
     assert name in str(error.value) and error.value.path.endswith(name)
+    assert error.value.kind == kind and kind in FILE_KINDS
   assert len(load_audio(str(tmp_path / "silent.wav"))) == 800  # silence is audio unless the caller rejects it
+
+
+@pytest.mark.skipif(not os.path.isdir(RECORDINGS), reason="FSDD not available")
+def test_eight_bit_pcm_decodes_like_sixteen_bit(tmp_path):
+  """8-bit WAV is unsigned (silence = 128): an 8-bit copy of a real recording decodes to its waveform within one
+  8-bit step (a sample read without removing the offset would be off by about 1)."""
+  original = os.path.join(RECORDINGS, "7_jackson_32.wav")
+  samples, rate = sf.read(original, dtype="int16")
+  path = str(tmp_path / "eight_bit.wav")
+  sf.write(path, samples, rate, subtype="PCM_U8")
+  assert sf.info(path).subtype == "PCM_U8"
+  sixteen, eight = load_audio(original, rate), load_audio(path, rate)
+  assert eight.shape == sixteen.shape and np.abs(sixteen).max() > 0.1
+  np.testing.assert_allclose(eight, sixteen, rtol=0, atol=1 / 128)

@@ -62,7 +62,7 @@ def test_datafile_source(tmp_path):
 def test_datafile_unknown_label_names_the_entry(tmp_path):
   write_tone(str(tmp_path / "a.wav"))
   config = datafile_config(tmp_path, [{"wav": str(tmp_path / "a.wav"), "labels": "/m/dog,/m/unicorn"}])
-  with pytest.raises(DataError, match=r"train.json: entry 0 .*a.wav.*/m/unicorn"):
+  with pytest.raises(DataError, match=r"a.wav: unknown label: .*train.json entry 0: /m/unicorn not in"):
     build_sources(config)
 
 
@@ -71,7 +71,7 @@ def test_datafile_entry_without_labels_names_the_entry(tmp_path):
   write_tone(str(tmp_path / "b.wav"))
   config = datafile_config(tmp_path, [{"wav": str(tmp_path / "a.wav"), "labels": "/m/dog"},
                                       {"wav": str(tmp_path / "b.wav"), "labels": ""}])
-  with pytest.raises(DataError, match=r"train.json: entry 1 .*b.wav.*no labels"):
+  with pytest.raises(DataError, match=r"b.wav: no labels: .*train.json entry 1 has an empty label list"):
     build_sources(config)
 
 
@@ -209,8 +209,8 @@ def test_demo_classes_differ_in_spectrum_not_in_loudness():
 
 
 def bad_datafile(tmp_path):
-  """A datafile with two good clips and a missing, a corrupt and an empty file."""
-  for name in ("good1", "good2"):
+  """A datafile with three good clips and a missing, a corrupt and an empty file."""
+  for name in ("good1", "good2", "good3"):
     write_tone(str(tmp_path / f"{name}.wav"))
   (tmp_path / "corrupt.wav").write_bytes(np.random.default_rng(0).bytes(4000))
   (tmp_path / "empty.wav").write_bytes(b"")
@@ -219,7 +219,7 @@ def bad_datafile(tmp_path):
       tmp_path,
       [{"wav": str(tmp_path / f"{n}.wav"), "labels": "/m/dog"} for n in names],
       [{"wav": str(tmp_path / "empty.wav"), "labels": "/m/cat"},
-       {"wav": str(tmp_path / "good1.wav"), "labels": "/m/cat"}],
+       {"wav": str(tmp_path / "good3.wav"), "labels": "/m/cat"}],
   )
 
 
@@ -231,12 +231,13 @@ def test_bad_files_raise_one_error_listing_all(tmp_path, scan):
     build_sources(config)
   assert isinstance(raised.value, AudioError)
   message = str(raised.value)
-  assert "3 bad audio file(s)" in message
-  assert "missing.wav: file not found" in message
-  assert "empty.wav: file is empty" in message
-  assert "corrupt.wav: cannot" in message
+  assert "3 bad data set entries (1 file not found, 1 empty file, 1 not audio)" in message
+  assert "missing.wav: file not found: no such file" in message
+  assert "eval  " + str(tmp_path / "empty.wav") + ": empty file: 0 bytes" in message
+  assert "corrupt.wav: not audio: cannot" in message
   assert "good" not in message
-  assert sorted(os.path.basename(p) for p, _ in raised.value.problems) == ["corrupt.wav", "empty.wav", "missing.wav"]
+  assert sorted((os.path.basename(p.path), p.kind) for p in raised.value.problems) == [
+      ("corrupt.wav", "not audio"), ("empty.wav", "empty file"), ("missing.wav", "file not found")]
 
 
 def test_bad_files_skipped_and_counted(tmp_path, caplog):
@@ -244,9 +245,10 @@ def test_bad_files_skipped_and_counted(tmp_path, caplog):
   config.data.on_bad_audio = "skip"
   sources = build_sources(config)
   assert sources.skipped_files == 3
+  assert sources.skipped == {"file not found": 1, "empty file": 1, "not audio": 1}
   assert [os.path.basename(e.audio) for e in sources.train] == ["good1.wav", "good2.wav"]
-  assert [os.path.basename(e.audio) for e in sources.eval] == ["good1.wav"]
-  assert "Skipping 3 bad audio file(s)" in caplog.text
+  assert [os.path.basename(e.audio) for e in sources.eval] == ["good3.wav"]
+  assert "Skipping 3 bad data set entries: 1 file not found, 1 empty file, 1 not audio" in caplog.text
 
 
 def test_decode_scan_catches_silent_files(tmp_path):
@@ -256,5 +258,5 @@ def test_decode_scan_catches_silent_files(tmp_path):
   config = datafile_config(tmp_path, entries)
   assert build_sources(config).skipped_files == 0  # a header scan cannot see silence
   config.data.scan = "decode"
-  with pytest.raises(BadAudioFilesError, match="silent.wav: silent"):
+  with pytest.raises(BadAudioFilesError, match="silent.wav: silent: every sample is zero"):
     build_sources(config)

@@ -281,7 +281,7 @@ def test_run_time_failures(tmp_path, caplog):
   assert 1 not in np.concatenate([b["index"] for b in batches])
   assert "b.wav: file not found" in caplog.text
   reader = WaveformReader(sources.train, 16000, skip_bad=True)
-  assert reader.read(1)[1] == 2 and reader.replaced == 1
+  assert reader.read(1)[1] == 2 and reader.replaced == 1 and reader.replaced_by_kind == {"file not found": 1}
   records = TrainRecords(reader, [e.labels for e in sources.train], 3, CLIP)
   assert records(1, np.random.default_rng(0))["index"] == 2
   evaluation = next(iter(eval_iterator(config, sources)))

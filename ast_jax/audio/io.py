@@ -6,14 +6,73 @@ import os
 
 import numpy as np
 
+# The stable short names of what can be wrong with an audio file (`AudioError.kind`, scan reports, skip counts).
+FILE_KINDS = ("file not found", "unreadable", "empty file", "not audio", "truncated", "too short",
+              "too many channels", "sample rate", "non-finite samples", "silent")
+
 
 class AudioError(ValueError):
-  """A file that cannot serve as training or evaluation audio; the message names file and problem."""
+  """A file that cannot serve as training or evaluation audio; the message is 'path: kind: problem'.
 
-  def __init__(self, path: str, problem: str):
-    super().__init__(f"{path}: {problem}")
+  `kind` is one of FILE_KINDS (or "channel count" for `load_audio`'s `expected_channels`, "" for none); `problem`
+  is the detail ("no such file", "cannot decode audio (...)", ...).
+  """
+
+  def __init__(self, path: str, problem: str, kind: str = ""):
+    super().__init__(f"{path}: {kind}: {problem}" if kind else f"{path}: {problem}")
     self.path = str(path)
     self.problem = problem
+    self.kind = kind
+
+
+def path_problem(path: str) -> AudioError | None:
+  """The error of a file that cannot even be opened: missing, not readable by this process, or 0 bytes."""
+  try:
+    size = os.stat(path).st_size
+  except FileNotFoundError:
+    return AudioError(path, "no such file", "file not found")
+  except PermissionError:
+    return AudioError(path, "permission denied (cannot reach the file)", "unreadable")
+  if not os.access(path, os.R_OK):
+    return AudioError(path, "permission denied", "unreadable")
+  if size == 0:
+    return AudioError(path, "0 bytes", "empty file")
+  return None
+
+
+def read_audio(path: str) -> tuple[np.ndarray, int]:
+  """Decodes `path` at its own rate: (samples `[frames, channels]` float32, sample rate).
+
+  Integer PCM is scaled to [-1, 1) (8-bit WAV is unsigned: libsndfile removes its offset of 128). Formats that
+  libsndfile lacks (m4a, ...) go through librosa/audioread. Raises `AudioError` (missing, unreadable, empty, not
+  audio).
+  """
+  import soundfile as sf
+
+  error = path_problem(path)
+  if error is not None:
+    raise error
+  try:
+    data, file_rate = sf.read(path, dtype="float32", always_2d=True)
+  except PermissionError:
+    raise AudioError(path, "permission denied", "unreadable") from None
+  except Exception as sf_error:  # noqa: BLE001 - soundfile raises several types for undecodable files
+    if soundfile_format(path) in sf.available_formats():
+      raise AudioError(path, f"cannot decode audio ({sf_error})", "not audio") from None
+    try:
+      import librosa
+
+      samples, file_rate = librosa.load(path, sr=None, mono=False)
+      data = np.atleast_2d(samples).T.astype(np.float32)
+    except Exception:  # noqa: BLE001
+      raise AudioError(path, f"cannot decode audio ({sf_error})", "not audio") from None
+  return data, int(file_rate)
+
+
+def soundfile_format(path: str) -> str:
+  """libsndfile's name of the format a file's extension implies ('WAV', 'FLAC', ...)."""
+  extension = os.path.splitext(path)[1][1:].upper()
+  return {"AIF": "AIFF", "OPUS": "OGG", "OGA": "OGG"}.get(extension, extension)
 
 
 def load_audio(
@@ -31,35 +90,19 @@ def load_audio(
   non-finite file, and for a rate or channel count other than the expected one when those are given.
   The mean is NOT removed here: `remove_mean` does it where the recipe wants it.
   """
-  import soundfile as sf
-
-  if not os.path.exists(path):
-    raise AudioError(path, "file not found")
-  if os.path.getsize(path) == 0:
-    raise AudioError(path, "file is empty (0 bytes)")
-  try:
-    data, file_rate = sf.read(path, dtype="float32", always_2d=True)
-  except Exception as sf_error:  # noqa: BLE001
-    if os.path.splitext(path)[1].lstrip(".").upper() in sf.available_formats():
-      raise AudioError(path, f"cannot decode audio ({sf_error})") from None
-    try:  # formats libsndfile lacks (m4a, ...) go through librosa/audioread
-      import librosa
-
-      mono, file_rate = librosa.load(path, sr=None, mono=False)
-      data = np.atleast_2d(mono).T.astype(np.float32)
-    except Exception:  # noqa: BLE001
-      raise AudioError(path, f"cannot decode audio ({sf_error})") from None
+  data, file_rate = read_audio(path)
   if expected_sample_rate is not None and file_rate != expected_sample_rate:
-    raise AudioError(path, f"sample rate {file_rate} Hz, expected {expected_sample_rate} Hz")
+    raise AudioError(path, f"{file_rate} Hz, expected {expected_sample_rate} Hz", "sample rate")
   if expected_channels is not None and data.shape[1] != expected_channels:
-    raise AudioError(path, f"{data.shape[1]} channels, expected {expected_channels}")
+    kind = "too many channels" if data.shape[1] > expected_channels else "channel count"
+    raise AudioError(path, f"{data.shape[1]} channels, expected {expected_channels}", kind)
   if data.shape[0] == 0:
-    raise AudioError(path, "no audio samples")
+    raise AudioError(path, "no audio samples", "too short")
   waveform = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
   if not np.all(np.isfinite(waveform)):
-    raise AudioError(path, "contains NaN or infinite samples")
+    raise AudioError(path, "NaN or infinite samples", "non-finite samples")
   if reject_silent and not np.any(waveform):
-    raise AudioError(path, "silent (every sample is zero)")
+    raise AudioError(path, "every sample is zero", "silent")
   if file_rate != sample_rate:
     waveform = resample(waveform, file_rate, sample_rate)
   return np.ascontiguousarray(waveform, dtype=np.float32)

@@ -6,6 +6,7 @@ A record is a dict of numpy arrays: `waveform` float32 `[clip_samples]`, `num_sa
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Sequence
 
@@ -26,7 +27,7 @@ class WaveformReader:
 
   With `cache`, decoded waveforms stay in this process's memory. With `skip_bad`, an example whose file fails
   is replaced by the next readable example (index + 1, + 2, ...), and the failure is logged and counted in
-  `replaced`; otherwise the file's `AudioError` propagates.
+  `replaced` and per problem kind in `replaced_by_kind`; otherwise the file's `AudioError` propagates.
   """
 
   def __init__(self, examples: Sequence[Example], sample_rate: int, *, cache: bool = False, skip_bad: bool = False):
@@ -34,6 +35,7 @@ class WaveformReader:
     self.sample_rate = sample_rate
     self.skip_bad = skip_bad
     self.replaced = 0
+    self.replaced_by_kind: collections.Counter[str] = collections.Counter()
     self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
   def decode(self, index: int) -> np.ndarray:
@@ -59,10 +61,15 @@ class WaveformReader:
       except AudioError as error:
         if not self.skip_bad:
           raise
-        self.replaced += 1
+        self.count_failure(error)
         logger.warning("Unreadable audio %s; using the next example instead (%d replaced in this process)",
                        error, self.replaced)
     raise AudioError(self.keys[index], f"no readable example among the next {_MAX_REPLACEMENTS}")
+
+  def count_failure(self, error: AudioError) -> None:
+    """Counts a file left out in skip mode, in total and per kind of problem."""
+    self.replaced += 1
+    self.replaced_by_kind[error.kind] += 1
 
   def __getstate__(self) -> dict:
     state = self.__dict__.copy()
@@ -140,7 +147,7 @@ class EvalRecords:
     except AudioError as error:
       if not self.reader.skip_bad:
         raise
-      self.reader.replaced += 1
+      self.reader.count_failure(error)
       logger.warning("Unreadable audio %s; left out of this evaluation", error)
       return padding_record(self.clip_samples, self.num_classes)
     return make_record(waveform, multi_hot(self.label_sets[position], self.num_classes), position,

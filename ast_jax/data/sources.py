@@ -17,10 +17,12 @@ from typing import NamedTuple
 import ml_collections
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif", ".m4a")
+# The stable short names of what can be wrong with a data set entry (the audio files' own: io.FILE_KINDS).
+ENTRY_KINDS = ("no audio path", "no labels", "unknown label", "duplicate entry")
 
 
 class DataError(ValueError):
-  """A data set on disk that does not match its format (missing list, unknown label, bad file name, ...)."""
+  """A data set on disk that does not match its format (missing list, unknown source, bad file name, ...)."""
 
 
 class Example(NamedTuple):
@@ -29,22 +31,55 @@ class Example(NamedTuple):
   labels: tuple[int, ...]
 
 
+class Problem(NamedTuple):
+  """Something wrong with one entry or audio file of a split.
+
+  `kind` is a stable short name (ENTRY_KINDS, `ast_jax.audio.io.FILE_KINDS`), `detail` says what exactly; `path`
+  is the audio file, or '<datafile> entry <n>' for an entry without one.
+  """
+  split: str  # "train" | "eval"
+  path: str
+  kind: str
+  detail: str
+
+  def __str__(self) -> str:
+    return f"{self.split}  {self.path}: {self.kind}: {self.detail}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Sources:
   """The training and evaluation examples of a data set and its label names (index = class id).
 
-  `skipped_files` counts the files dropped by the pre-training scan in `on_bad_audio='skip'` mode.
+  `problems` lists the entries that are not among the examples (bad entries, duplicates, and in
+  `on_bad_audio='skip'` mode the bad audio files). `skipped_files` counts the entries dropped in skip mode and
+  `skipped` counts them per problem kind.
   """
   train: tuple[Example, ...]
   eval: tuple[Example, ...]
   label_names: tuple[str, ...]
   skipped_files: int = 0
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+  problems: tuple[Problem, ...] = ()
 
 
 def build_sources(config: ml_collections.ConfigDict, *, scan: bool = True) -> Sources:
-  """Builds the examples of `config.data.source` and, unless `scan` is False, checks their audio files.
+  """Builds the examples of `config.data.source`, checks them and, unless `scan` is False, their audio files.
 
-  The check follows `config.data.scan` and `config.data.on_bad_audio` (see `ast_jax.data.scan`).
+  Every problem is collected first (entries, duplicates, files under `config.data.scan`); then
+  `config.data.on_bad_audio='error'` raises one `BadDataError` listing all of them, and 'skip' drops them, so the
+  examples equal those of a data set without the bad entries (see `ast_jax.data.scan`).
+  """
+  from ast_jax.data.scan import AudioChecks, apply_policy, scan_examples  # scan imports this module
+
+  sources = read_sources(config)
+  report = scan_examples(sources, mode=config.data.scan if scan else "off", checks=AudioChecks.from_config(config))
+  return apply_policy(sources, report.problems, config.data.on_bad_audio)
+
+
+def read_sources(config: ml_collections.ConfigDict) -> Sources:
+  """The examples of `config.data.source` without bad entries or duplicates, which `problems` lists instead.
+
+  Audio files are not opened. Raises `DataError` for a data set whose lists cannot be read at all.
   """
   builders = {
       "datafile": _datafile_sources,
@@ -56,12 +91,34 @@ def build_sources(config: ml_collections.ConfigDict, *, scan: bool = True) -> So
   name = config.data.source
   if name not in builders:
     raise DataError(f"unknown data source {name!r}; expected one of {sorted(builders)}")
-  sources = builders[name](config)
-  if scan:
-    from ast_jax.data.scan import scan_sources  # scan imports this module
+  return drop_duplicates(builders[name](config))
 
-    sources = scan_sources(sources, mode=config.data.scan, on_bad_audio=config.data.on_bad_audio)
-  return sources
+
+def drop_duplicates(sources: Sources) -> Sources:
+  """Keeps the first entry of an audio file listed twice in a split, and drops the training entry of a file that
+  the evaluation set lists too (leakage); each dropped entry becomes a 'duplicate entry' problem."""
+  problems = []
+
+  def unique(split: str, examples: tuple[Example, ...], held_out: dict[str, Example]) -> tuple[Example, ...]:
+    seen: dict[str, Example] = {}
+    for example in examples:
+      key = os.path.normpath(os.path.abspath(example.audio))
+      first = seen.get(key) or held_out.get(key)
+      if first is None:
+        seen[key] = example
+        continue
+      where = "the evaluation set too (leakage); this training copy is dropped" if key in held_out else (
+          f"the {'training' if split == 'train' else 'evaluation'} set more than once; the first is kept")
+      labels = "" if first.labels == example.labels else f" (labels {list(example.labels)}, kept {list(first.labels)})"
+      problems.append(Problem(split, example.audio, "duplicate entry", f"listed in {where}{labels}"))
+    return tuple(seen.values())
+
+  evaluation = unique("eval", sources.eval, {})
+  held_out = {os.path.normpath(os.path.abspath(e.audio)): e for e in evaluation}
+  train = unique("train", sources.train, held_out)
+  if not problems:
+    return sources
+  return dataclasses.replace(sources, train=train, eval=evaluation, problems=sources.problems + tuple(problems))
 
 
 def read_label_csv(path: str) -> tuple[list[str], list[str]]:
@@ -90,26 +147,45 @@ def natural_key(name: str) -> tuple:
 def _datafile_sources(config: ml_collections.ConfigDict) -> Sources:
   mids, names = read_label_csv(config.data.label_csv)
   mid_to_index = {mid: i for i, mid in enumerate(mids)}
-  train = _read_datafile(config.data.train_datafile, mid_to_index)
-  evaluation = _read_datafile(config.data.eval_datafile, mid_to_index) if config.data.eval_datafile else ()
-  return Sources(train, evaluation, tuple(names))
-
-
-def _read_datafile(path: str, mid_to_index: dict[str, int]) -> tuple[Example, ...]:
-  """Reads `{"data": [{"wav": path, "labels": "/m/a,/m/b"}, ...]}`; unknown mids name the entry."""
-  if not path:
+  if not config.data.train_datafile:
     raise DataError("the datafile source needs config.data.train_datafile")
+  train, problems = _read_datafile(config.data.train_datafile, mid_to_index, "train", config.data.label_csv)
+  evaluation: tuple[Example, ...] = ()
+  if config.data.eval_datafile:
+    evaluation, eval_problems = _read_datafile(config.data.eval_datafile, mid_to_index, "eval",
+                                               config.data.label_csv)
+    problems += eval_problems
+  return Sources(train, evaluation, tuple(names), problems=tuple(problems))
+
+
+def _read_datafile(path: str, mid_to_index: dict[str, int], split: str,
+                   label_csv: str) -> tuple[tuple[Example, ...], list[Problem]]:
+  """Reads `{"data": [{"wav": path, "labels": "/m/a,/m/b"}, ...]}`: the good entries' examples, and a problem for
+  every entry without audio path, without labels or with a label the label CSV lacks."""
   with open(path, encoding="utf-8") as f:
-    entries = json.load(f)["data"]
-  examples = []
-  for number, entry in enumerate(entries):
-    mids = [mid.strip() for mid in str(entry.get("labels", "")).split(",") if mid.strip()]
+    try:
+      document = json.load(f)
+    except json.JSONDecodeError as error:
+      raise DataError(f"{path}: not a JSON datafile ({error})") from None
+  if not isinstance(document, dict) or not isinstance(document.get("data"), list):
+    raise DataError(f"{path}: expected {{\"data\": [{{\"wav\": ..., \"labels\": ...}}, ...]}}")
+  examples, problems = [], []
+  for number, entry in enumerate(document["data"]):
+    entry = entry if isinstance(entry, dict) else {}
+    audio = str(entry.get("wav") or "")
+    if not audio:
+      problems.append(Problem(split, f"{path} entry {number}", "no audio path", "the entry has no 'wav' field"))
+      continue
+    mids = [mid.strip() for mid in str(entry.get("labels") or "").split(",") if mid.strip()]
     unknown = [mid for mid in mids if mid not in mid_to_index]
-    if unknown or not mids or "wav" not in entry:
-      problem = f"unknown label(s) {unknown}" if unknown else "no 'wav' field" if "wav" not in entry else "no labels"
-      raise DataError(f"{path}: entry {number} ({entry.get('wav', '?')}): {problem}")
-    examples.append(Example(str(entry["wav"]), tuple(sorted({mid_to_index[mid] for mid in mids}))))
-  return tuple(examples)
+    if unknown:
+      problems.append(Problem(split, audio, "unknown label",
+                              f"{path} entry {number}: {', '.join(unknown)} not in {label_csv}"))
+    elif not mids:
+      problems.append(Problem(split, audio, "no labels", f"{path} entry {number} has an empty label list"))
+    else:
+      examples.append(Example(audio, tuple(sorted({mid_to_index[mid] for mid in mids}))))
+  return tuple(examples), problems
 
 
 # ----------------------------------------------------------------------------------------------- ESC-50

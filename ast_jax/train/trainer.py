@@ -136,7 +136,7 @@ class _Run:
     self.writer = MetricsWriter(workdir, resume_step=self.latest_step, tensorboard=config.train.tensorboard,
                                 enabled=jax.process_index() == 0)
     self.run_meta = {"config": config.to_json_best_effort(), "label_names": list(sources.label_names),
-                     "skipped_files": sources.skipped_files}
+                     "skipped_files": sources.skipped_files, "skipped": dict(sources.skipped)}
     self.packing_stats = getattr(inputs, "efficiency", {})
     record = self.writer.last_record() or {}
     self.epoch_stats = {key: record[key] for key in ("train_loss", "lr", "examples_per_sec", "tokens_per_sec", "mfu",
@@ -280,7 +280,8 @@ class _Run:
     record = {"epoch": epoch, "step": step,
               **evaluate_params(self.eval_step, params, faults.during_eval(self.inputs.eval_batches(**self.host),
                                                                            step), self.mesh),
-              **extra, **self.packing_stats, **ledger, "skipped_files": self.sources.skipped_files}
+              **extra, **self.packing_stats, **ledger, "skipped_files": self.sources.skipped_files,
+              "skipped": dict(self.sources.skipped)}
     self.writer.write_record(record)
     log.info("eval epoch %d step %d: %s", epoch, step, _summary(record))
     return record
