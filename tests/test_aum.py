@@ -238,7 +238,9 @@ def test_plain_pytorch_module_runs_exported_weights(bidirectional, cls_position)
   np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("bidirectional", ["fo_bi", "bi_bi", "fo_fo"])
+# Every variant's mixer runs in the small pairs below; the tiny-size parity of bi_bi and fo_fo is in the slow set.
+@pytest.mark.parametrize("bidirectional", ["fo_bi", pytest.param("bi_bi", marks=pytest.mark.slow),
+                                           pytest.param("fo_fo", marks=pytest.mark.slow)])
 def test_tiny_export_parity_with_plain_pytorch(bidirectional):
   """AuM-tiny (24 layers, width 192), weights exported and run in plain PyTorch: logits within 1e-4 (CPU, fp32)."""
   torch = pytest.importorskip("torch")

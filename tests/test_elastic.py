@@ -33,8 +33,8 @@ def make(pooling, attention):
   return model, nn.meta.unbox(variables["params"])
 
 
-@pytest.mark.parametrize("pooling", ["attention", "mean"])
-@pytest.mark.parametrize("attention", ["xla", "blockwise"])
+@pytest.mark.parametrize("pooling, attention", [("attention", "blockwise"), ("mean", "blockwise"), ("mean", "xla"),
+                                                pytest.param("attention", "xla", marks=pytest.mark.slow)])
 def test_packed_clip_equals_clip_alone(pooling, attention):
   model, params = make(pooling, attention)
   patches = clip_patches()

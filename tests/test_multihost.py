@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from launch import local
 
@@ -159,8 +160,14 @@ def test_two_processes_train_like_one(tmp_path: pathlib.Path):
     np.testing.assert_allclose(two_record[key], one_record[key], rtol=1e-5, err_msg=key)
   assert os.path.isdir(os.path.join(two_dir, "model")) and os.path.isdir(os.path.join(two_dir, "checkpoints", "3"))
 
-  # Stopped after two steps and started again, each process restores its own iterator position and shards:
-  # step 3 is the uninterrupted run's step 3.
+
+@pytest.mark.slow  # about 40 s; single-process resume after kills runs in the default suite (tests/test_faults.py)
+def test_two_processes_resume_each_from_its_own_iterator_state(tmp_path: pathlib.Path):
+  """Stopped after two steps and started again, each process restores its own iterator position and shards:
+  step 3 is the uninterrupted two-process run's step 3."""
+  driver = write_program(tmp_path, "train.py", TRAIN_DRIVER)
+  process_0 = train_losses(run_launch([sys.executable, driver, "--distributed", f"--workdir={tmp_path / 'two'}",
+                                       *OVERRIDES], 2).outputs[0])
   staged_dir = str(tmp_path / "staged")
   command = [sys.executable, driver, "--distributed", f"--workdir={staged_dir}", *OVERRIDES]
   first = run_launch([*command, "--config.train.max_steps=2"], 2)

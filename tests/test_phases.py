@@ -149,15 +149,27 @@ def final_params(workdir):
 
 
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")
-def test_phase_switch_in_training_and_resume_inside_a_phase(tmp_path, caplog):
-  """Two phases of one epoch (4 steps) each. A run stopped at step 6, inside the second phase, resumes in that phase
-  at that step and ends with the parameters of the uninterrupted run; the ledger counts each phase's FLOPs."""
+def test_phase_switch_in_training(tmp_path):
+  """Two phases of one epoch (4 steps) each: the ledger counts each phase's FLOPs, and the 'patch' phase trained the
+  stored 16x16 kernel and table at 16x32 patches (the shapes never changed)."""
   spec = "patch:2:1, full:1:1"
   straight = train_and_evaluate(small_config(spec, epochs=2), str(tmp_path / "straight"))
   plans = plan_phases(small_config(spec, epochs=2), steps_per_epoch=4)
   assert straight["phase_flops"] == [4 * config_flops(p.config)["train_flops_per_step"] for p in plans]
   assert straight["train_flops"] == sum(straight["phase_flops"]) and len(straight["phase_seconds"]) == 2
+  phase1 = ocp.PyTreeCheckpointer().restore(str(tmp_path / "straight" / "checkpoints" / "4" / "state"))["params"]
+  final = final_params(tmp_path / "straight")
+  assert phase1["pos_embed"].shape == final["pos_embed"].shape == (1, 2 + np.prod(model_grid(plans[1].config)), 64)
+  assert phase1["patch_embed"]["proj"]["kernel"].shape[:2] == (16, 16)
 
+
+@pytest.mark.slow  # resume after kills runs in tests/test_faults.py; inside a phase, here and in tests/test_resume.py
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")
+def test_resume_inside_a_phase(tmp_path, caplog):
+  """A run stopped at step 6, inside the second phase, resumes in that phase at that step and ends with the
+  parameters of the uninterrupted run and the same ledger."""
+  spec = "patch:2:1, full:1:1"
+  straight = train_and_evaluate(small_config(spec, epochs=2), str(tmp_path / "straight"))
   staged = small_config(spec, epochs=2)
   staged.train.max_steps = 6
   assert train_and_evaluate(staged, str(tmp_path / "resumed"))["phase"] == "full"
@@ -171,12 +183,6 @@ def test_phase_switch_in_training_and_resume_inside_a_phase(tmp_path, caplog):
   for a, b in zip(jax.tree.leaves(final_params(tmp_path / "straight")), jax.tree.leaves(final_params(tmp_path /
                                                                                                      "resumed"))):
     np.testing.assert_array_equal(a, b)
-
-  # The 'patch' phase trained the stored 16x16 kernel and table at 16x32 patches: the shapes never changed.
-  phase1 = ocp.PyTreeCheckpointer().restore(str(tmp_path / "straight" / "checkpoints" / "4" / "state"))["params"]
-  final = final_params(tmp_path / "straight")
-  assert phase1["pos_embed"].shape == final["pos_embed"].shape == (1, 2 + np.prod(model_grid(plans[1].config)), 64)
-  assert phase1["patch_embed"]["proj"]["kernel"].shape[:2] == (16, 16)
 
 
 @pytest.mark.slow  # 10 s; carry_params has its unit test and phased training its run in the default suite

@@ -129,6 +129,7 @@ def test_bad_files_fail_at_once_listing_all(tmp_path):
   assert not (tmp_path / "work" / "checkpoints").exists() or not os.listdir(tmp_path / "work" / "checkpoints")
 
 
+@pytest.mark.slow  # skip-mode training over every kind of bad entry runs in tests/test_bad_data.py
 def test_bad_files_skipped_and_counted(tmp_path):
   config = audioset.get_config("smoke")
   train, evaluation = audioset_datafiles(tmp_path, extra_train=bad_files(tmp_path))

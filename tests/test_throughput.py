@@ -35,7 +35,8 @@ def assert_trees_close(a, b, rtol):
     assert np.max(np.abs(x - y)) <= rtol * (np.max(np.abs(x)) + 1e-12)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", pytest.param("dots_no_batch", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("policy", ["full", pytest.param("dots", marks=pytest.mark.slow),
+                                    pytest.param("dots_no_batch", marks=pytest.mark.slow)])
 def test_remat_policies_give_the_same_gradients(policy):
   x = spectrogram()
   params = init_params(AST(**SMALL), jax.random.key(0), x)
