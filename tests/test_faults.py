@@ -231,6 +231,7 @@ def test_too_many_consecutive_non_finite_steps_stop_the_run_with_its_checkpoint_
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # 10 s; the pre-flight checks of a full or unwritable workdir run in tests/test_config_errors.py
 def test_a_disk_that_fills_mid_run_stops_it_cleanly_and_the_run_resumes_once_there_is_room(environment, straight,
                                                                                            tmp_path):
   """The workdir on a 1.5 MB tmpfs: the pre-flight check passes, a later checkpoint does not fit. The run stops with

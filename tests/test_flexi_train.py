@@ -89,7 +89,8 @@ def test_random_patch_per_step_compiles_each_size_once(tmp_path, caplog):
   assert sorted(m.split()[4] for m in logged) == ["16x16", "32x32", "8x8"]
 
 
-@pytest.mark.parametrize("distill", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # 13 s each; per-step patch sizes train in test_random_patch_per_step_compiles_each_size_once
+@pytest.mark.parametrize("distill", [False, True])
 def test_base_weight_adds_the_stored_size_loss(distill):
   """flexi_base_weight w: a step at a drawn size p takes (1 - w) loss(p) + w loss(stored size), with the drawn size's
   targets the labels or (flexi_distill) the stored size's own predictions; a step at the stored size is unchanged."""

@@ -73,6 +73,7 @@ def test_audioset_elastic_recipe_trains_and_sweeps(tmp_path):
   assert len((tmp_path / "work" / "sweep.csv").read_text().splitlines()) == 3  # header + 2 points
 
 
+@pytest.mark.slow  # the ESC-50 source has its test in tests/test_data.py; a recipe trains in the AudioSet test
 def test_esc50_recipe_runs_two_steps(tmp_path):
   root = tmp_path / "ESC-50"
   rows = []
@@ -93,6 +94,7 @@ def test_esc50_recipe_runs_two_steps(tmp_path):
   check_two_steps(record, tmp_path / "work", 46)
 
 
+@pytest.mark.slow  # the Speech Commands source has its tests in tests/test_data.py
 def test_speechcommands_recipe_runs_two_steps(tmp_path):
   root = tmp_path / "speech_commands_v0.02"
   for word, count in (("yes", 3), ("no", 3)):
