@@ -247,7 +247,7 @@ class PackedBatches:
           except AudioError as error:
             if not self.reader.skip_bad:
               raise
-            self.reader.replaced += 1
+            self.reader.count_failure(error)
             logger.warning("Unreadable audio %s; left out of this evaluation", error)
             continue
         else:
