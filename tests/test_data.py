@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from ast_jax.audio.io import AudioError
-from ast_jax.data import BadAudioFilesError, DataError, build_sources, demo
+from ast_jax.data import BadDataError, DataError, build_sources, demo
 from ast_jax.data.sources import natural_key
 from configs.common import base_config
 
@@ -227,7 +227,7 @@ def bad_datafile(tmp_path):
 def test_bad_files_raise_one_error_listing_all(tmp_path, scan):
   config = bad_datafile(tmp_path)
   config.data.scan = scan
-  with pytest.raises(BadAudioFilesError) as raised:
+  with pytest.raises(BadDataError) as raised:
     build_sources(config)
   assert isinstance(raised.value, AudioError)
   message = str(raised.value)
@@ -258,5 +258,5 @@ def test_decode_scan_catches_silent_files(tmp_path):
   config = datafile_config(tmp_path, entries)
   assert build_sources(config).skipped_files == 0  # a header scan cannot see silence
   config.data.scan = "decode"
-  with pytest.raises(BadAudioFilesError, match="silent.wav: silent: every sample is zero"):
+  with pytest.raises(BadDataError, match="silent.wav: silent: every sample is zero"):
     build_sources(config)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ast_jax.data import BadAudioFilesError
+from ast_jax.data import BadDataError
 from ast_jax.train.trainer import train_and_evaluate
 from configs import audioset, audioset_balanced, esc50, speechcommands
 from configs.common import AUDIOSET_LABELS, SPEECHCOMMANDS_LABELS
@@ -123,7 +123,7 @@ def test_bad_files_fail_at_once_listing_all(tmp_path):
   config = audioset.get_config("smoke")
   train, evaluation = audioset_datafiles(tmp_path, extra_train=bad_files(tmp_path))
   config.data.update(train_datafile=train, eval_datafile=evaluation)
-  with pytest.raises(BadAudioFilesError) as error:
+  with pytest.raises(BadDataError) as error:
     train_and_evaluate(config, str(tmp_path / "work"))
   message = str(error.value)
   for name in ("missing.wav", "corrupt.wav", "empty.wav"):

@@ -2,11 +2,10 @@
 Grain pipelines that yield batches of waveforms."""
 
 from ast_jax.data.pipeline import clip_samples, eval_iterator, steps_per_epoch, train_dataset, train_iterator
-from ast_jax.data.scan import BadAudioFilesError, BadDataError, scan_sources
+from ast_jax.data.scan import BadDataError, scan_sources
 from ast_jax.data.sources import DataError, Example, Problem, Sources, build_sources, read_sources
 
 __all__ = [
-    "BadAudioFilesError",
     "BadDataError",
     "DataError",
     "Example",

@@ -46,9 +46,6 @@ class BadDataError(AudioError, DataError):
     self.kind = problems[0].kind if problems else ""
 
 
-BadAudioFilesError = BadDataError  # its name from when only audio files were checked
-
-
 @dataclasses.dataclass(frozen=True)
 class AudioChecks:
   """What a usable audio file must be beyond decodable: at most `max_channels` channels, a rate among

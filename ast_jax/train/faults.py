@@ -69,8 +69,7 @@ def poison(batch: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
   if not armed("nan", "step", step):
     return batch
   log.warning("fault injected: NaN waveforms in the batch of step %d", step)
-  key = "waveform"
-  return {**batch, key: np.full_like(batch[key], np.nan)}
+  return {**batch, "waveform": np.full_like(batch["waveform"], np.nan)}
 
 
 def during_eval(batches: Iterable[Any], step: int) -> Iterator[Any]:
