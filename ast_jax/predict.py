@@ -112,9 +112,12 @@ def main(argv: list[str]) -> None:
     bundle = model_dir.load_model_dir(_CHECKPOINT.value)
   except (FileNotFoundError, ValueError) as error:
     sys.exit(f"error: {error}")
-  if bundle.config.model.get("name", "ast") not in ("ast", "aum"):
-    sys.exit(f"error: {_CHECKPOINT.value} holds a {bundle.config.model.name!r} model; predict runs AST and AuM models "
-             "(evaluate ElasticAST with its config: python -m ast_jax.sweep --config=... --workdir=...)")
+  from ast_jax.models import family_of
+
+  family = family_of(bundle.config)
+  if family.packed_input:
+    sys.exit(f"error: {_CHECKPOINT.value} holds a {family.name!r} model, trained on packed rows; predict runs "
+             "whole-clip models (evaluate it with its config: python -m ast_jax.sweep --config=... --workdir=...)")
   names = model_dir.label_names_from_csv(_LABEL_CSV.value)[0] if _LABEL_CSV.value else bundle.label_names
   predictor = Predictor(bundle, _BATCH.value)
   rate = bundle.config.audio.sample_rate

@@ -1,4 +1,4 @@
-"""Evaluation sweeps over length caps and time resolutions (ast_jax/train/sweep.py).
+"""Evaluation sweeps over length caps and time resolutions (ast_jax/train/eval_sweep.py).
 
 Sweep a trained workdir (its exported model, `<workdir>/model`), with the config it was trained with:
   python -m ast_jax.sweep --config=configs/fsdd.py:elastic --workdir=W \
@@ -33,10 +33,11 @@ def sweep_workdir(config, workdir: str) -> list[dict]:
   from ast_jax import data as data_lib
   from ast_jax.convert.model_dir import load_model_dir
   from ast_jax.data.inputs import build_input
+  from ast_jax.models import family_of
   from ast_jax.models.layers import to_layout
   from ast_jax.parallel import logical_rules, make_mesh
   from ast_jax.train.config_checks import ConfigError, validate_config
-  from ast_jax.train.sweep import run_sweep
+  from ast_jax.train.eval_sweep import run_sweep
   from ast_jax.train.trainer import param_shardings
 
   validate_config(config)
@@ -44,7 +45,7 @@ def sweep_workdir(config, workdir: str) -> list[dict]:
     raise ConfigError("nothing to sweep: set config.eval_sweep.lengths, config.eval_sweep.resolutions or "
                       "config.eval_patch_sizes")
   mesh, rules = make_mesh(config.mesh), logical_rules(config.sharding_rules)
-  inputs = build_input(config, data_lib.build_sources(config))
+  inputs = build_input(config, data_lib.build_sources(config), packed=family_of(config).packed_input)
   bundle = load_model_dir(os.path.join(workdir, "model"))
   params = to_layout(jax.tree.map(np.float32, bundle.params), config.model.scan_layers)
   return run_sweep(config, params, inputs, mesh, rules, param_shardings(config, mesh, rules), workdir)
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   logging.getLogger("ast_jax").setLevel(logging.INFO)
-  from ast_jax.train.sweep import plot_sweeps, read_sweep, sweep_table
+  from ast_jax.train.eval_sweep import plot_sweeps, read_sweep, sweep_table
 
   if _COMPARE.value:
     names = _NAMES.value or [os.path.basename(os.path.normpath(w)) for w in _COMPARE.value]

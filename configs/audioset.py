@@ -1,11 +1,12 @@
-"""AST on full AudioSet (2M clips): REFERENCE.md 1.5, column 'AudioSet full'. Paper: 0.459 mAP single model.
+"""AST on full AudioSet (2M clips): docs/BACKGROUND.md section 1.5, column 'AudioSet full'. Paper: 0.459 mAP
+single model.
 
 Data: AST datafile JSONs for the training and evaluation sets (`--config.data.train_datafile=...`,
 `--config.data.eval_datafile=...`). `get_config('smoke')` is the same recipe with a tiny model, for tests.
-`get_config('elastic')` is ElasticAST (REFERENCE.md 2) on the same data: clips at their own length up to 1024
-frames, each at a resolution q from {1.0, 1.2, ..., 4.0}, packed into rows of 2048 tokens with 10 % token
+`get_config('elastic')` is ElasticAST (docs/BACKGROUND.md section 2) on the same data: clips at their own length up
+to 1024 frames, each at a resolution q from {1.0, 1.2, ..., 4.0}, packed into rows of 2048 tokens with 10 % token
 dropout; waveform mixup is off (clips of their own length are not mixed).
-`get_config('aum')` is Audio Mamba base, Fo-Bi, from scratch (REFERENCE.md 5; upstream's
+`get_config('aum')` is Audio Mamba base, Fo-Bi, from scratch (docs/BACKGROUND.md section 5.8; upstream's
 exps/audioset/aum-base_scratch-audioset.sh): this recipe with AuM-base on non-overlapping 16x16 patches (512 patches
 + a middle CLS token). Upstream reports 32.74 mAP.
 """

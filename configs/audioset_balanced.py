@@ -1,4 +1,5 @@
-"""AST on balanced AudioSet (20K clips): REFERENCE.md 1.5, column 'AudioSet balanced'. Paper: 0.347 mAP single.
+"""AST on balanced AudioSet (20K clips): docs/BACKGROUND.md section 1.5, column 'AudioSet balanced'.
+Paper: 0.347 mAP single.
 
 `get_config('smoke')` is the same recipe with a tiny model, for tests; `get_config('elastic')` is ElasticAST, as in
 configs/audioset.py.

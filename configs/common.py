@@ -12,7 +12,7 @@ AUDIOSET_LABELS = os.path.normpath(os.path.join(SHARED_DATA, "labels", "audioset
 SPEECHCOMMANDS_LABELS = os.path.normpath(os.path.join(SHARED_DATA, "labels",
                                                       "speechcommands_class_labels_indices.csv"))
 
-# Dataset statistics of the normalised log-mel input, (fbank - mean) / (2 * std) (REFERENCE.md 1.1).
+# Dataset statistics of the normalised log-mel input, (fbank - mean) / (2 * std) (docs/BACKGROUND.md section 1.1).
 AUDIOSET_STATS = (-4.2677393, 4.5689974)
 ESC50_STATS = (-6.6268077, 5.358466)
 SPEECHCOMMANDS_STATS = (-6.845978, 5.5654526)
@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_workers=0,  # Grain worker processes; 0 reads in the main process
       prefetch_buffer_size=2,
       cache_audio=False,  # keep decoded waveforms in host memory (small data sets)
-      # error: one error listing every bad entry and file (python -m ast_jax.data.validate lists them too); skip:
+      # error: one error listing every bad entry and file (python -m ast_jax.validate lists them too); skip:
       # train without them, counted per kind of problem (Sources.skipped)
       on_bad_audio="error",
       scan="header",  # header: check files' headers before training; decode: decode every file once; off
@@ -99,8 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=False,  # nn.scan over the blocks: one compiled block, stacked [depth, ...] parameters
       layer_norm_eps=1e-6,  # backbone LayerNorms (timm); Hugging Face checkpoints use 1e-12 everywhere
       head_layer_norm_eps=1e-5,  # the classifier's LayerNorm (PyTorch's default upstream)
-      # FlexiAST (REFERENCE.md 3): train with a patch size drawn per step from this list (non-overlapping patches,
-      # strides = patch_size; the stored kernel is PI-resized to each size); empty: one patch size.
+      # FlexiAST (docs/BACKGROUND.md section 3): train with a patch size drawn per step from this list
+      # (non-overlapping patches, strides = patch_size; the stored kernel is PI-resized to each size); empty: one
+      # patch size.
       flexi_patch_sizes=(),
       flexi_axes="both",  # both: square p x p patches; time: patch_size bins x p frames
       flexi_patch_weights=(),  # relative probability of each of flexi_patch_sizes per step; empty: uniform
@@ -155,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
       # phases separated by commas, e.g. 'avg_pool:2:20, full:1:10'; methods full, frame_shift, avg_pool,
       # max_pool, patch. The epochs add up to train.epochs. Empty: one phase at full resolution.
       phases="",
-      peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0: look the device kind up (ast_jax/bench/flops.py)
+      peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0: look the device kind up (ast_jax/train/throughput.py)
   ))
 
   # Evaluation sweeps after training (and `python -m ast_jax.sweep`): the final model evaluated with clips capped
@@ -168,16 +169,20 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Parallelism is configuration: a mesh of named axes (-1: every remaining device) and a table mapping the
   # logical axis names carried by parameters and activations to mesh axes (ast_jax/parallel/sharding.py).
+  # The default is FSDP over `fsdp` and Megatron tensor parallelism over `tensor` (heads and MLP columns).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding_rules = (
+      # Activations. `batch` also places every input batch: its leading dimension split over these axes.
       ("batch", ("data", "fsdp")),
+      ("length", None),
+      ("act_embed", None),
+      ("act_heads", "tensor"),
+      ("act_mlp", "tensor"),
+      # Parameters.
       ("embed", "fsdp"),
       ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("qkv", "tensor"),
+      ("heads", "tensor"),  # attention kernels are per head: q, k and v of a head stay on one device
       ("norm", None),
-      ("kv", None),
-      ("length", None),
       ("classes", None),
       ("layers", None),
   )
@@ -185,9 +190,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def elastic(config: ml_collections.ConfigDict, **packing) -> ml_collections.ConfigDict:
-  """Turns a recipe into ElasticAST (REFERENCE.md 2): the same ViT backbone on clips of their own length packed
-  into rows of `row_tokens` tokens, non-overlapping patches with factorised frequency/time positions, attention
-  masked to each clip, and one pooled output per clip. `packing` overrides the packing fields below."""
+  """Turns a recipe into ElasticAST (docs/BACKGROUND.md section 2): the same ViT backbone on clips of their own
+  length packed into rows of `row_tokens` tokens, non-overlapping patches with factorised frequency/time positions,
+  attention masked to each clip, and one pooled output per clip. `packing` overrides the packing fields below."""
   config.model.update(name="elastic", fstride=config.model.patch_size,
                       tstride=config.model.get("patch_time") or config.model.patch_size)
   config.model.patch_time = config.model.get("patch_time", 0)  # > 0: rectangular patches, this many frames
@@ -213,7 +218,7 @@ def elastic(config: ml_collections.ConfigDict, **packing) -> ml_collections.Conf
 
 
 def aum(config: ml_collections.ConfigDict, variant: str = "base", **model) -> ml_collections.ConfigDict:
-  """Turns a recipe into Audio Mamba (REFERENCE.md 5): the AuM backbone (24 bidirectional Mamba layers, no
+  """Turns a recipe into Audio Mamba (docs/BACKGROUND.md section 5): the AuM backbone (24 bidirectional Mamba layers, no
   attention) in place of the ViT, on upstream's non-overlapping 16x16 patches; data, front end, augmentation,
   optimiser and trainer stay the recipe's. `model` overrides the fields below."""
   config.model.update(name="aum", variant=variant, width=0, depth=0, fstride=16, tstride=16)

@@ -1,5 +1,5 @@
-"""AST on ESC-50, 5-fold cross-validation: REFERENCE.md 1.5, column 'ESC-50'. Paper: 95.6 % (AudioSet init),
-88.7 % (ImageNet init only; use lr 1e-4 then).
+"""AST on ESC-50, 5-fold cross-validation: docs/BACKGROUND.md section 1.5, column 'ESC-50'. Paper: 95.6 %
+(AudioSet init), 88.7 % (ImageNet init only; use lr 1e-4 then).
 
 `--config=configs/esc50.py:3` holds out fold 3 (run folds 1-5 and average). Data root: `--config.data.path=` the
 ESC-50 folder holding `meta/esc50.csv` and `audio/`. `:smoke` is the same recipe with a tiny model, for tests.

@@ -29,7 +29,7 @@ FlexiAST (`:flexi`), from scratch in the AST's 30 epochs: the stored 16x16 kerne
 step, 8 drawn 8 times as often as each other size (8 is the hardest size to share: 96 tokens of a 2x finer view),
 and every step at a size other than 16 also takes the loss at 16 (`flexi_base_weight=0.5`: without it, sizes drawn
 uniformly from scratch reached 19 % in ten epochs, the 16x16 AST alone 76 %). Expected training compute 1.57 GFLOP per example
-(bench/flops.py), against 1.70 for `:patch8` and 0.43 for `:patch16`. Every model is swept over the seven sizes.
+(models/flops.py), against 1.70 for `:patch8` and 0.43 for `:patch16`. Every model is swept over the seven sizes.
 
 AuM against AST (`:aum_tiny`, `:ast_tiny`): AuM-tiny (24 Mamba layers, width 192, 6.4 M parameters with 527
 classes) and AST-tiny (DeiT-tiny: 12 blocks, width 192, 3 heads) on upstream AuM's non-overlapping 16x16 patches
@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.elastic(config, rows=2, row_tokens=160, max_clips=32, max_frames=240, drop_rate=0.1,
                    resolutions=tuple(round(1.0 + 0.2 * i, 1) for i in range(9)))
     config.model.positions = "fractional"  # measured better than integer positions at every length and q
-    # 90 epochs of ~9 real tokens per clip: 43 TFLOP of training, 39 % of the AST recipe's 110 (bench/flops.py).
+    # 90 epochs of ~9 real tokens per clip: 43 TFLOP of training, 39 % of the AST recipe's 110 (models/flops.py).
     config.train.update(epochs=90)
   if arg in ("flexi", "patch8", "patch16"):
     # Non-overlapping patches, the 16x16 kernel stored (PI-resized to other sizes); every model swept over sizes.

@@ -1,4 +1,5 @@
-"""AST on Speech Commands V2 (35 words): REFERENCE.md 1.5, column 'Speech Commands V2-35'. Paper: 98.11 % test.
+"""AST on Speech Commands V2 (35 words): docs/BACKGROUND.md section 1.5, column 'Speech Commands V2-35'.
+Paper: 98.11 % test.
 
 Data root: `--config.data.path=` the speech_commands_v0.02 folder (one folder per word, validation_list.txt,
 testing_list.txt). Evaluates on the test list (`--config.data.eval_split=validation` for the validation list).

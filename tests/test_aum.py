@@ -120,9 +120,9 @@ def test_model_adds_the_table_as_upstream_moves_the_cls_token():
   model = AuM(num_classes=3, width=16, depth=1, cls_position="middle")
   spectrogram = np.random.default_rng(1).normal(size=(1, 64, 32)).astype(np.float32)
   params = _perturbed(init_params(model, jax.random.key(0), spectrogram))
-  from ast_jax.models.ast import PatchEmbed
+  from ast_jax.models.tokens import PatchEmbed
 
-  tokens = np.asarray(PatchEmbed(16, 16, 16, 16).apply({"params": params["patch_embed"]}, spectrogram))
+  tokens = np.asarray(PatchEmbed(16, (16, 16), (16, 16)).apply({"params": params["patch_embed"]}, spectrogram))
   n = tokens.shape[1]
   upstream = np.concatenate([tokens[:, :n // 2], params["cls_token"], tokens[:, n // 2:]], axis=1)
   upstream = _insert_from_prefix(_insert_to_prefix(upstream, (n // 2,)) + params["pos_embed"], (n // 2,))
@@ -134,7 +134,7 @@ def test_model_adds_the_table_as_upstream_moves_the_cls_token():
 @pytest.mark.parametrize("width, bidirectional, millions", [(768, "fo_bi", 92.108), (384, "bi_bi", 25.539),
                                                             (192, "fo_bi", 6.438)])
 def test_parameter_counts_match_upstream(width, bidirectional, millions):
-  """REFERENCE.md 5: base Fo-Bi 92.108 M, small Bi-Bi 25.539 M, tiny Fo-Bi 6.438 M at 128 x 1024, 527 classes."""
+  """docs/BACKGROUND.md section 5.1: base Fo-Bi 92.108 M, small Bi-Bi 25.539 M, tiny Fo-Bi 6.438 M at 128 x 1024, 527 classes."""
   model = AuM(num_classes=527, width=width, bidirectional=bidirectional)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1024, 128))))["params"]
   count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))

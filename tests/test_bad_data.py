@@ -23,7 +23,7 @@ import soxr
 
 from ast_jax.data import build_sources
 from ast_jax.data.scan import AudioChecks, BadDataError, check_file
-from ast_jax.data.validate import CLEAN, PROBLEMS, BAD_CONFIG, run
+from ast_jax.validate import CLEAN, PROBLEMS, BAD_CONFIG, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDINGS = os.path.join(ROOT, os.pardir, "shared", "data", "fsdd", "recordings")
@@ -176,7 +176,7 @@ def denied(function_name: str, *args) -> dict:
 
 def scan_outcomes(fuzzed: dict) -> dict:
   """Header-scan report (validate.check), the error-mode error, and skip mode's sources, as JSON."""
-  from ast_jax.data.validate import check
+  from ast_jax.validate import check
 
   config = data_config(fuzzed["files"], fuzzed["label_csv"])
   outcome = {"readable": os.access(fuzzed["bad"]["unreadable.wav"], os.R_OK),
@@ -248,7 +248,7 @@ def test_validate_command_reports_every_problem(fuzzed):
   report_path = os.path.join(fuzzed["root"], "report.json")
   args = [f"--config.data.{k}={v}" for k, v in (("source", "datafile"), ("train_datafile", fuzzed["files"]
           ["fuzzed_train"]), ("eval_datafile", fuzzed["files"]["fuzzed_eval"]), ("label_csv", fuzzed["label_csv"]))]
-  child = unprivileged([sys.executable, "-m", "ast_jax.data.validate", "--config=configs/fsdd.py", *args,
+  child = unprivileged([sys.executable, "-m", "ast_jax.validate", "--config=configs/fsdd.py", *args,
                         f"--json={report_path}"])
   assert child.returncode == PROBLEMS, child.stderr[-3000:]
   with open(report_path) as f:
@@ -292,7 +292,7 @@ def test_error_mode_raises_once_naming_every_problem(fuzzed, outcomes):
                             "2 duplicate entry, 1 file not found, 1 unreadable,")
   for problem in error["problems"]:
     assert f"{problem['split']}  {problem['path']}: {problem['kind']}: {problem['detail']}" in message
-  assert "on_bad_audio='skip'" in message and "python -m ast_jax.data.validate" in message
+  assert "on_bad_audio='skip'" in message and "python -m ast_jax.validate" in message
 
 
 def test_skip_mode_keeps_exactly_the_clean_subset(outcomes):

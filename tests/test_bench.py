@@ -9,8 +9,10 @@ import types
 import jax
 import pytest
 
-from ast_jax.bench import flops
-from ast_jax.bench.sweep import COLUMNS, Case, expand_cases, run_sweep
+from ast_jax.models import config_flops
+from ast_jax.models import flops
+from ast_jax.train import throughput
+from ast_jax.bench.cases import COLUMNS, Case, expand_cases, run_sweep
 from configs.common import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,8 +41,8 @@ def test_attention_flops_grow_faster_than_tokens():
 
 
 def test_config_flops_ast_base_audioset():
-  counts = flops.config_flops(base_config())
-  tokens, width = 1214, 768  # REFERENCE.md 1.2: 12 x 101 patches + cls + dist
+  counts = config_flops(base_config())
+  tokens, width = 1214, 768  # docs/BACKGROUND.md section 1.2: 12 x 101 patches + cls + dist
   expected = 1212 * 256 * width * 2 + 12 * (24 * tokens * width**2 + 4 * tokens**2 * width) + 2 * width * 527
   assert (counts["freq"], counts["time"], counts["tokens"]) == (12, 101, tokens)
   assert counts["forward_flops"] == expected
@@ -54,9 +56,9 @@ def test_config_flops_flexiast_is_the_mean_over_the_drawn_sizes():
     config.model.update(width=64, depth=2, num_heads=2, patch_size=size, fstride=size, tstride=size, **flexi)
     return config
 
-  per_size = {size: flops.config_flops(config_at(size)) for size in (8, 16, 32)}
+  per_size = {size: config_flops(config_at(size)) for size in (8, 16, 32)}
   for base_weight, weights in ((0.0, ()), (0.5, ()), (0.0, (2, 1, 1))):
-    flexi = flops.config_flops(config_at(16, flexi_patch_sizes=(8, 16, 32), flexi_base_weight=base_weight,
+    flexi = config_flops(config_at(16, flexi_patch_sizes=(8, 16, 32), flexi_base_weight=base_weight,
                                          flexi_patch_weights=weights))
     probs = {8: 0.5, 16: 0.25, 32: 0.25} if weights else {size: 1 / 3 for size in per_size}
     extra = (probs[8] + probs[32]) * per_size[16]["train_flops"] if base_weight else 0.0  # stored size at 8, 32
@@ -66,16 +68,16 @@ def test_config_flops_flexiast_is_the_mean_over_the_drawn_sizes():
 
 
 def test_peak_flops_lookup():
-  assert flops.peak_flops_per_device(jax.devices("cpu")[0], "float32") is None
+  assert throughput.peak_flops_per_device(jax.devices("cpu")[0], "float32") is None
   h100 = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
-  assert flops.peak_flops_per_device(h100, "bfloat16") == 989e12
-  assert flops.peak_flops_per_device(h100, jax.numpy.float32) == 494e12  # TF32 at the default precision
+  assert throughput.peak_flops_per_device(h100, "bfloat16") == 989e12
+  assert throughput.peak_flops_per_device(h100, jax.numpy.float32) == 494e12  # TF32 at the default precision
   with jax.default_matmul_precision("highest"):
-    assert flops.peak_flops_per_device(h100, "float32") == 67e12
-  assert flops.peak_flops_per_device("TPU v5 lite", "bfloat16") == 197e12
-  assert flops.peak_flops_per_device(jax.devices("cpu")[0], "float32", override=1e12) == 1e12
-  assert flops.mfu(1e12, 1.0, 2, 1e12) == 0.5
-  assert flops.mfu(1e12, 1.0, 1, None) is None
+    assert throughput.peak_flops_per_device(h100, "float32") == 67e12
+  assert throughput.peak_flops_per_device("TPU v5 lite", "bfloat16") == 197e12
+  assert throughput.peak_flops_per_device(jax.devices("cpu")[0], "float32", override=1e12) == 1e12
+  assert throughput.mfu(1e12, 1.0, 2, 1e12) == 0.5
+  assert throughput.mfu(1e12, 1.0, 1, None) is None
 
 
 def test_aum_flops_hand_count():
@@ -92,7 +94,7 @@ def test_aum_flops_hand_count():
   # The recipe's count: AuM-base at 1024 frames holds 8 x 64 patches + the CLS token.
   from configs.common import aum
 
-  counts = flops.config_flops(aum(base_config(), "base"))
+  counts = config_flops(aum(base_config(), "base"))
   assert (counts["freq"], counts["time"], counts["tokens"], counts["mlp_dim"]) == (8, 64, 513, 0)
 
 
@@ -102,7 +104,7 @@ def test_aum_sweep_case_is_timed(tmp_path):
   (row,) = run_sweep([case], str(tmp_path), warmup=0, repeats=1, plot=False)
   assert (row["backbone"], row["width"], row["tokens"], row["num_heads"]) == ("aum", 32, 8 * 4 + 1, 0)
   assert row["attention"] == "scan=recompute" and row["ms_per_step"] > 0 and row["peak_memory_mb"] > 0
-  with pytest.raises(ValueError, match="backbone 'ast'"):
+  with pytest.raises(ValueError, match="AST cases only"):
     run_sweep([case], str(tmp_path), compare="torch", plot=False)
 
 
@@ -158,7 +160,7 @@ def test_sweep_compares_with_torch(tmp_path):
 
 
 def test_packing_bench_pads_an_ast_with_the_same_patches_to_the_longest_clip():
-  from ast_jax.bench.packing import padded_ast_config
+  from ast_jax.bench.packed_vs_padded import padded_ast_config
   import jax
   import jax.numpy as jnp
 

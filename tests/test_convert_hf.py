@@ -96,6 +96,23 @@ def test_native_model_exports_to_hf_with_its_front_end_and_labels(tmp_path):
   np.testing.assert_allclose(their_logits(loaded, features), our_logits(bundle, features), atol=1e-4, rtol=0)
 
 
+def test_model_directory_with_fused_attention_kernels_loads_per_head(tmp_path):
+  """Model directories written before the attention kernels were split per head hold qkv kernel [D, 3D], bias [3D]
+  and proj kernel [D, D] (C-order flattenings of today's [D, 3, heads, head_dim], [heads, head_dim, D])."""
+  bundle = native_bundle()
+  fused = jax.tree.map(np.asarray, bundle.params)
+  for index in range(2):
+    attn = fused["encoder"][f"blocks_{index}"]["attn"]
+    attn["qkv"] = {"kernel": attn["qkv"]["kernel"].reshape(64, 192), "bias": attn["qkv"]["bias"].reshape(192)}
+    attn["proj"] = {**attn["proj"], "kernel": attn["proj"]["kernel"].reshape(64, 64)}
+  model_dir.save_model_dir(str(tmp_path / "fused"), model_dir.ModelBundle(fused, bundle.config, bundle.label_names))
+  loaded = model_dir.load_model_dir(str(tmp_path / "fused"))
+  assert loaded.params["encoder"]["blocks_1"]["attn"]["qkv"]["kernel"].shape == (64, 3, 2, 32)
+  assert jax.tree.structure(loaded.params) == jax.tree.structure(bundle.params)
+  for ours, back in zip(jax.tree.leaves(bundle.params), jax.tree.leaves(loaded.params)):
+    np.testing.assert_array_equal(ours, back)
+
+
 def test_original_pth_round_trip_is_exact(tmp_path):
   bundle = native_bundle(frames=1024)
   original.save_original(str(tmp_path / "audioset_10_10_0.5000.pth"), bundle.params)
@@ -121,9 +138,10 @@ def test_audioset_checkpoint_initialises_an_esc50_model(tmp_path):
   config.init_from = f"original:{path}"
   template = jax.tree.map(np.asarray, esc50.params)
   params = initial_params(config.init_from, template, config)
-  from ast_jax.convert.posembed import adapt_pos_embed
+  from ast_jax.models.positions import resize_table
 
-  np.testing.assert_array_equal(params["pos_embed"], adapt_pos_embed(audioset.params["pos_embed"], (12, 101), (12, 50)))
+  np.testing.assert_array_equal(params["pos_embed"],
+                                resize_table(audioset.params["pos_embed"], (12, 101), (12, 50), rule="upstream"))
   np.testing.assert_array_equal(params["encoder"]["blocks_1"]["mlp"]["fc2"]["kernel"],
                                 audioset.params["encoder"]["blocks_1"]["mlp"]["fc2"]["kernel"])
   np.testing.assert_array_equal(params["head"]["dense"]["kernel"], template["head"]["dense"]["kernel"])  # fresh

@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ast_jax.convert import adapt_pos_embed, bilinear_resize, imagenet_init, read_state_dict, sum_rgb_kernel
-from ast_jax.models import AST, init_params
+from ast_jax.convert import imagenet_init, read_state_dict, sum_rgb_kernel
+from ast_jax.models import init_params
+from ast_jax.models.ast import AST
+from ast_jax.models.positions import bilinear_resize, resize_table
 
 WIDTH, DEPTH, HEADS = 48, 2, 3
 
@@ -50,27 +52,27 @@ TARGETS = [(12, 101), (12, 50), (12, 12), (8, 64)]
 
 @pytest.mark.parametrize("old_grid", [(24, 24), (12, 101)])
 @pytest.mark.parametrize("new_grid", TARGETS)
-def test_adapt_pos_embed_matches_upstream(old_grid, new_grid):
+def test_upstream_rule_matches_upstream(old_grid, new_grid):
   rng = np.random.default_rng(0)
   pos_embed = rng.standard_normal((1, 2 + old_grid[0] * old_grid[1], 16)).astype(np.float32)
-  adapted = adapt_pos_embed(pos_embed, old_grid, new_grid)
+  adapted = resize_table(pos_embed, old_grid, new_grid, rule="upstream")
   assert adapted.shape == (1, 2 + new_grid[0] * new_grid[1], 16)
   np.testing.assert_allclose(adapted, upstream_pos_embed(pos_embed, old_grid, new_grid), rtol=1e-5, atol=1e-6)
   if old_grid == (12, 101) and new_grid[0] == 12:
     np.testing.assert_allclose(adapted, upstream_audioset_pos_embed(pos_embed, new_grid[1]), rtol=1e-5, atol=1e-6)
 
 
-def test_adapt_pos_embed_centre_cut_rows_and_identity():
+def test_upstream_rule_centre_cut_rows_and_identity():
   pos_embed = np.arange(2 + 12 * 101, dtype=np.float32)[None, :, None]  # row value = row index
-  cut = adapt_pos_embed(pos_embed, (12, 101), (8, 64))[0, :, 0]
+  cut = resize_table(pos_embed, (12, 101), (8, 64), rule="upstream")[0, :, 0]
   np.testing.assert_array_equal(cut[:2], [0, 1])
   # frequency rows 6 - 4 = 2.., time columns 50 - 32 = 18..
   assert cut[2] == 2 + 2 * 101 + 18 and cut[2 + 64] == 2 + 3 * 101 + 18
-  same = adapt_pos_embed(pos_embed, (12, 101), (12, 101))
+  same = resize_table(pos_embed, (12, 101), (12, 101), rule="upstream")
   np.testing.assert_array_equal(same, pos_embed)
   assert same is not pos_embed
   with pytest.raises(ValueError, match="does not match"):
-    adapt_pos_embed(pos_embed, (24, 24), (12, 12))
+    resize_table(pos_embed, (24, 24), (12, 12), rule="upstream")
 
 
 @pytest.mark.parametrize("shape,size", [((5, 7, 3), (11, 4)), ((24, 24, 8), (12, 101)), ((3, 9, 2), (3, 9)),
@@ -125,12 +127,18 @@ def test_imagenet_init_deit(fresh_params):
   plain = {key.removeprefix("module."): value for key, value in state.items()}
   np.testing.assert_allclose(params["patch_embed"]["proj"]["kernel"][..., 0, :],
                              plain["patch_embed.proj.weight"].sum(1).transpose(1, 2, 0), rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(params["encoder"]["blocks_1"]["attn"]["qkv"]["kernel"],
-                                plain["blocks.1.attn.qkv.weight"].T)
+  # timm's qkv rows are q, k, v, each heads-major; ours are split per head: [D, 3, heads, head_dim].
+  head_dim = WIDTH // HEADS
+  qkv, proj = (params["encoder"]["blocks_1"]["attn"][name] for name in ("qkv", "proj"))
+  key_rows = slice(WIDTH + 2 * head_dim, WIDTH + 3 * head_dim)  # k of head 2
+  np.testing.assert_array_equal(qkv["kernel"][:, 1, 2], plain["blocks.1.attn.qkv.weight"][key_rows].T)
+  np.testing.assert_array_equal(qkv["bias"][1, 2], plain["blocks.1.attn.qkv.bias"][key_rows])
+  np.testing.assert_array_equal(proj["kernel"][2], plain["blocks.1.attn.proj.weight"][:, 2 * head_dim:].T)
   np.testing.assert_array_equal(params["encoder"]["blocks_0"]["norm2"]["scale"], plain["blocks.0.norm2.weight"])
   np.testing.assert_array_equal(params["encoder"]["norm"]["bias"], plain["norm.bias"])
   np.testing.assert_array_equal(params["dist_token"], plain["dist_token"])
-  np.testing.assert_array_equal(params["pos_embed"], adapt_pos_embed(plain["pos_embed"], (24, 24), (12, 101)))
+  np.testing.assert_array_equal(params["pos_embed"],
+                                resize_table(plain["pos_embed"], (24, 24), (12, 101), rule="upstream"))
   np.testing.assert_array_equal(params["head"]["dense"]["kernel"], fresh_params["head"]["dense"]["kernel"])
   assert report["fresh"] == ["head/dense/bias", "head/dense/kernel", "head/norm/bias", "head/norm/scale"]
   assert sorted(report["unused"]) == [f"module.{key}" for key in
@@ -151,7 +159,8 @@ def test_imagenet_init_plain_vit_duplicates_cls(fresh_params):
   pos = params["pos_embed"]
   np.testing.assert_array_equal(pos[:, 0], state["pos_embed"][:, 0])
   np.testing.assert_array_equal(pos[:, 1], state["pos_embed"][:, 0])
-  np.testing.assert_allclose(pos[:, 2:], adapt_pos_embed(state["pos_embed"], (14, 14), (12, 101), 1)[:, 1:])
+  np.testing.assert_allclose(pos[:, 2:], resize_table(state["pos_embed"], (14, 14), (12, 101), rule="upstream",
+                                                      prefix=1)[:, 1:])
   assert sorted(report["unused"]) == ["model.head.bias", "model.head.weight"]
 
 

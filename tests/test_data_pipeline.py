@@ -50,8 +50,14 @@ def demo_setup(num_train=32, num_eval=21, batch_size=8, **data):
   return config, build_sources(config)
 
 
+def one_clip(batch):
+  """A whole-clip batch `[rows, 1, ...]` as `[rows, ...]` (the contract holds one clip slot per row)."""
+  assert all(value.shape[1] == 1 for value in batch.values()), {k: v.shape for k, v in batch.items()}
+  return {key: value[:, 0] for key, value in batch.items()}
+
+
 def take(iterator, count):
-  return [next(iterator) for _ in range(count)]
+  return [one_clip(next(iterator)) for _ in range(count)]
 
 
 def assert_same_batches(expected, actual):
@@ -67,10 +73,11 @@ def test_batch_contract():
   assert clip_samples(config) == CLIP
   batch = next(train_iterator(config, sources, seed=0))
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-      "waveform": ((8, CLIP), np.float32), "num_samples": ((8,), np.int32), "label": ((8, 8), np.float32),
-      "mask": ((8,), np.float32), "index": ((8,), np.int32),
+      "waveform": ((8, 1, CLIP), np.float32), "num_samples": ((8, 1), np.int32), "label": ((8, 1, 8), np.float32),
+      "clip_mask": ((8, 1), np.float32), "index": ((8, 1), np.int32),
   }
-  np.testing.assert_array_equal(batch["mask"], 1.0)
+  batch = one_clip(batch)
+  np.testing.assert_array_equal(batch["clip_mask"], 1.0)
   np.testing.assert_array_equal(batch["label"].sum(1), 1.0)  # no mixup: one-hot
   for waveform, num_samples, label, index in zip(batch["waveform"], batch["num_samples"], batch["label"],
                                                  batch["index"]):
@@ -88,7 +95,7 @@ def test_file_batches_are_16k_mono_mean_removed(tmp_path):
     write_tone(str(tmp_path / f"{name}.wav"), seconds=0.25, sample_rate=rate, channels=2)
   config = datafile_config(tmp_path, "ab", "/m/car")
   config.data.batch_size = 2
-  batch = next(train_iterator(config, build_sources(config), seed=0))
+  batch = one_clip(next(train_iterator(config, build_sources(config), seed=0)))
   np.testing.assert_array_equal(batch["num_samples"], 4000)  # 0.25 s at 16 kHz
   assert np.abs(batch["waveform"][:, :4000].mean(1)).max() < 1e-4  # the 0.05 DC offset is gone
   assert 0.2 < batch["waveform"][:, :4000].std() < 0.25  # 0.3 * sin has std 0.21
@@ -125,22 +132,24 @@ def test_hosts_split_each_global_batch():
 def test_eval_covers_every_example_once(shard_count):
   config, sources = demo_setup(num_eval=21, eval_batch_size=8)
   config.augment.mixup = 1.0  # evaluation must ignore it
-  hosts = [list(eval_iterator(config, sources, shard_index=h, shard_count=shard_count)) for h in range(shard_count)]
+  hosts = [[one_clip(b) for b in eval_iterator(config, sources, shard_index=h, shard_count=shard_count)]
+           for h in range(shard_count)]
   assert all(len(batches) == 3 for batches in hosts)
   indices = np.concatenate([b["index"] for batches in hosts for b in batches])
-  masks = np.concatenate([b["mask"] for batches in hosts for b in batches])
+  masks = np.concatenate([b["clip_mask"] for batches in hosts for b in batches])
   assert sorted(indices[masks == 1]) == list(range(21)) and np.all(indices[masks == 0] == -1)
   assert (masks == 0).sum() == 3
   if shard_count == 1:
     np.testing.assert_array_equal(indices[:21], np.arange(21))  # in order
   for batches in hosts:
     for batch in batches:
-      np.testing.assert_array_equal(batch["waveform"][batch["mask"] == 0], 0.0)
-      np.testing.assert_array_equal(batch["label"][batch["mask"] == 0], 0.0)
-      np.testing.assert_array_equal(batch["label"][batch["mask"] == 1].sum(1), 1.0)
-      for waveform, index in zip(batch["waveform"][batch["mask"] == 1], batch["index"][batch["mask"] == 1]):
+      np.testing.assert_array_equal(batch["waveform"][batch["clip_mask"] == 0], 0.0)
+      np.testing.assert_array_equal(batch["label"][batch["clip_mask"] == 0], 0.0)
+      np.testing.assert_array_equal(batch["label"][batch["clip_mask"] == 1].sum(1), 1.0)
+      for waveform, index in zip(batch["waveform"][batch["clip_mask"] == 1], batch["index"][batch["clip_mask"] == 1]):
         np.testing.assert_array_equal(waveform, _padded(sources.eval[index]))
-  assert_same_batches(hosts[0], list(eval_iterator(config, sources, shard_index=0, shard_count=shard_count)))
+  assert_same_batches(hosts[0], [one_clip(b) for b in eval_iterator(config, sources, shard_index=0,
+                                                                     shard_count=shard_count)])
 
 
 def _padded(example):
@@ -284,8 +293,8 @@ def test_run_time_failures(tmp_path, caplog):
   assert reader.read(1)[1] == 2 and reader.replaced == 1 and reader.replaced_by_kind == {"file not found": 1}
   records = TrainRecords(reader, [e.labels for e in sources.train], 3, CLIP)
   assert records(1, np.random.default_rng(0))["index"] == 2
-  evaluation = next(iter(eval_iterator(config, sources)))
-  np.testing.assert_array_equal(evaluation["mask"], [1, 0, 1])  # left out, not counted twice
+  evaluation = one_clip(next(iter(eval_iterator(config, sources))))
+  np.testing.assert_array_equal(evaluation["clip_mask"], [1, 0, 1])  # left out, not counted twice
 
 
 def test_cache_keeps_decoded_audio(tmp_path):

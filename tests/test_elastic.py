@@ -5,31 +5,42 @@ import jax
 import numpy as np
 import pytest
 
-from ast_jax.data.packing import gather_patches, keep_tokens, lay_out
+from ast_jax.data.packer import gather_patches, keep_tokens, lay_out
 from ast_jax.models.elastic import ElasticAST
+from ast_jax.models.tokens import TokenLayout
 
-GRIDS = [(4, 3), (4, 5), (4, 1)]  # 12 + 20 + 4 tokens
-ROW_TOKENS, MAX_CLIPS = 40, 4
+GRIDS = [(4, 3), (4, 5), (4, 1)]  # 12 + 20 + 4 tokens of 16x16 patches on 64 mel bins
+ROW_TOKENS, MAX_CLIPS, SLOT_FRAMES = 40, 4, 80
 
 
-def clip_patches(seed=0):
+def clip_spectrograms(seed=0):
+  """Each clip's normalised spectrogram `[frames, mel_bins]`, whole patches only."""
   rng = np.random.default_rng(seed)
-  return [rng.normal(size=(f * t, 256)).astype(np.float32) for f, t in GRIDS]
+  return [rng.normal(size=(t * 16, f * 16)).astype(np.float32) for f, t in GRIDS]
 
 
-def run(model, params, patches, plan, row_tokens):
+def packed_input(spectrograms, plan, row_tokens, fill=0.0):
+  """Slots `[rows, MAX_CLIPS, SLOT_FRAMES, 64]` (frames past a clip and empty slots hold `fill`) and the layout."""
   layout = lay_out(GRIDS, keep_tokens(GRIDS), plan, row_tokens, MAX_CLIPS)
-  inputs = (gather_patches(patches, layout), layout.segment_ids, layout.freq_positions, layout.time_positions)
-  logits, _ = jax.jit(model.apply)({"params": params}, *inputs)
+  slots = np.full((len(plan), MAX_CLIPS, SLOT_FRAMES, 64), fill, np.float32)
+  time_patches = np.ones((len(plan), MAX_CLIPS), np.int32)
+  for row, members in enumerate(plan):
+    for slot, clip in enumerate(members):
+      slots[row, slot, :len(spectrograms[clip])] = spectrograms[clip]
+      time_patches[row, slot] = GRIDS[clip][1]
+  return slots, TokenLayout(layout.segment_ids, layout.freq_positions, layout.time_positions, time_patches)
+
+
+def run(model, params, spectrograms, plan, row_tokens, fill=0.0):
+  slots, layout = packed_input(spectrograms, plan, row_tokens, fill)
+  logits, _ = jax.jit(model.apply)({"params": params}, slots, layout)
   return np.asarray(logits), layout
 
 
-def make(pooling, attention):
-  model = ElasticAST(num_classes=5, width=32, depth=2, num_heads=2, max_freq_patches=4, max_time_patches=8,
-                     max_clips=MAX_CLIPS, pooling=pooling, attention=attention)
-  layout = lay_out(GRIDS, keep_tokens(GRIDS), [[0, 1, 2]], ROW_TOKENS, MAX_CLIPS)
-  variables = model.init(jax.random.key(0), gather_patches(clip_patches(), layout), layout.segment_ids,
-                         layout.freq_positions, layout.time_positions)
+def make(pooling, attention, positions="integer", max_time_patches=8):
+  model = ElasticAST(num_classes=5, width=32, depth=2, num_heads=2, max_freq_patches=4,
+                     max_time_patches=max_time_patches, pooling=pooling, attention=attention, positions=positions)
+  variables = model.init(jax.random.key(0), *packed_input(clip_spectrograms(), [[0, 1, 2]], ROW_TOKENS))
   return model, nn.meta.unbox(variables["params"])
 
 
@@ -37,33 +48,42 @@ def make(pooling, attention):
                                                 pytest.param("attention", "xla", marks=pytest.mark.slow)])
 def test_packed_clip_equals_clip_alone(pooling, attention):
   model, params = make(pooling, attention)
-  patches = clip_patches()
-  packed, _ = run(model, params, patches, [[0, 1, 2]], ROW_TOKENS)
+  spectrograms = clip_spectrograms()
+  packed, _ = run(model, params, spectrograms, [[0, 1, 2]], ROW_TOKENS)
   for slot, clip in enumerate([0, 1, 2]):
     tokens = GRIDS[clip][0] * GRIDS[clip][1]
-    alone, _ = run(model, params, patches, [[clip]], tokens)  # its own row, no padding
+    alone, _ = run(model, params, spectrograms, [[clip]], tokens)  # its own row, no padding
     np.testing.assert_allclose(packed[0, slot], alone[0, 0], atol=1e-5)
+
+
+def test_whole_clip_rows_equal_one_clip_packed_alone():
+  """The fixed-length contract (one clip per row, no layout) runs through the same tokeniser: same logits."""
+  model, params = make("attention", "auto")
+  spectrograms = clip_spectrograms()
+  whole, _ = jax.jit(model.apply)({"params": params}, spectrograms[1][None])
+  alone, _ = run(model, params, spectrograms, [[1]], GRIDS[1][0] * GRIDS[1][1])
+  assert whole.shape == (1, 5)
+  np.testing.assert_allclose(np.asarray(whole)[0], alone[0, 0], atol=1e-5)
 
 
 def test_other_clips_and_padding_never_change_a_clip():
   model, params = make("attention", "auto")
-  patches = clip_patches()
-  base, layout = run(model, params, patches, [[0, 1, 2]], ROW_TOKENS)
-  changed = [patches[0], np.random.default_rng(5).normal(size=patches[1].shape).astype(np.float32), patches[2]]
+  spectrograms = clip_spectrograms()
+  base, layout = run(model, params, spectrograms, [[0, 1, 2]], ROW_TOKENS)
+  changed = [spectrograms[0], np.random.default_rng(5).normal(size=spectrograms[1].shape).astype(np.float32),
+             spectrograms[2]]
   other, _ = run(model, params, changed, [[0, 1, 2]], ROW_TOKENS)
   np.testing.assert_allclose(other[0, [0, 2]], base[0, [0, 2]], atol=1e-6)
   assert not np.allclose(other[0, 1], base[0, 1])
-  # Garbage in the padding tokens' patches, positions and the empty slot changes nothing for the real clips.
-  inputs = [gather_patches(patches, layout), layout.segment_ids, layout.freq_positions, layout.time_positions]
-  inputs[0][0, layout.segment_ids[0] == 0] = 1e3
-  inputs[3] = inputs[3].copy()
-  inputs[3][0, layout.segment_ids[0] == 0] = 7
-  noisy, _ = jax.jit(model.apply)({"params": params}, *inputs)
+  # Garbage past each clip's frames, in the empty slot and in the padding tokens' positions changes nothing.
+  slots, layout = packed_input(spectrograms, [[0, 1, 2]], ROW_TOKENS, fill=1e3)
+  time_positions = np.where(layout.segment_ids == 0, 7, layout.time_positions)
+  noisy, _ = jax.jit(model.apply)({"params": params}, slots, layout.replace(time_positions=time_positions))
   np.testing.assert_allclose(np.asarray(noisy)[0, :3], base[0, :3], atol=1e-6)
 
 
 def test_device_gather_matches_host_layout_and_patchify_is_frequency_major():
-  from ast_jax.models.elastic import gather_packed, patchify
+  from ast_jax.models.tokens import gather_packed, patchify
 
   rng = np.random.default_rng(1)
   lengths = [80, 32, 80]  # frames of content; every slot is padded to 80 frames
@@ -81,13 +101,15 @@ def test_device_gather_matches_host_layout_and_patchify_is_frequency_major():
   for row, members in enumerate([[0, 1], [2]]):
     for slot, clip in enumerate(members):
       slots[row, slot] = patches[clip].reshape(4, 5, 256)
-  device = gather_packed(slots, layout.segment_ids, layout.freq_positions, layout.time_positions)
+  token_layout = TokenLayout(layout.segment_ids, layout.freq_positions, layout.time_positions,
+                             np.ones((2, 2), np.int32))
+  device = gather_packed(slots, token_layout)
   np.testing.assert_array_equal(device, gather_patches(per_clip, layout))
 
 
 def test_rectangular_patches_and_their_grid():
-  from ast_jax.data.packed import PackingSpec
-  from ast_jax.models.elastic import patchify
+  from ast_jax.data.packed_batches import PackingSpec
+  from ast_jax.models.tokens import patchify
 
   spectrogram = np.random.default_rng(2).normal(size=(70, 64)).astype(np.float32)  # [frames, mel]
   patches = np.asarray(patchify(spectrogram, (8, 16)))  # 8 mel bins x 16 frames
@@ -100,7 +122,7 @@ def test_rectangular_patches_and_their_grid():
 
 
 def test_fractional_positions_map_any_length_onto_the_table():
-  from ast_jax.models.elastic import fractional_rows
+  from ast_jax.models.positions import fractional_rows
 
   table = np.arange(8 * 2, dtype=np.float32).reshape(8, 2)
   positions = np.arange(8)
@@ -116,15 +138,6 @@ def test_fractional_positions_map_any_length_onto_the_table():
 
 
 def test_fractional_model_runs_clips_longer_than_the_table():
-  model = ElasticAST(num_classes=5, width=32, depth=1, num_heads=2, max_freq_patches=4, max_time_patches=2,
-                     max_clips=MAX_CLIPS, positions="fractional")
-  grids = [(4, 6), (4, 1)]
-  layout = lay_out(grids, keep_tokens(grids), [[0, 1]], 32, MAX_CLIPS)
-  patches = gather_patches([np.ones((f * t, 256), np.float32) for f, t in grids], layout)
-  time_patches = np.array([[6, 1, 1, 1]], np.int32)
-  inputs = (patches, layout.segment_ids, layout.freq_positions, layout.time_positions, time_patches)
-  variables = model.init(jax.random.key(0), *inputs)
-  logits, _ = model.apply(variables, *inputs)
-  assert np.all(np.isfinite(np.asarray(logits)))
-  with pytest.raises(ValueError, match="time_patches"):
-    model.apply(variables, *inputs[:4])
+  model, params = make("attention", "auto", positions="fractional", max_time_patches=2)
+  logits, _ = run(model, params, clip_spectrograms(), [[0, 1, 2]], ROW_TOKENS)  # up to 5 time patches
+  assert np.all(np.isfinite(logits))

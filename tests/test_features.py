@@ -175,17 +175,17 @@ def test_time_mask_width_scales_per_example():
   assert abs(widths[1::2].mean() - 4.5) < 0.3
 
 
-def test_slot_input_frames_each_clip_at_its_shift_and_rejects_roll():
-  from ast_jax.audio import slot_input
-
+def test_clips_framed_at_their_own_shift_match_fixed_framing_and_reject_roll():
   batch, lengths = clips([16240, 9000], seed=2)
   shifts = np.array([160, 320])  # q = 1 and q = 2
-  features = np.asarray(slot_input(batch, lengths, shifts, AUDIO, 100))
+  features = np.asarray(model_input(batch, lengths, AUDIO, window_shifts=shifts, frames=100))
   assert features.shape == (2, 100, 128)
   coarse = dict(AUDIO, frame_shift=20.0)
   expected = np.asarray(model_input(batch[1:, :9000], lengths[1:], dict(coarse, target_length=100)))
-  np.testing.assert_allclose(features[1], expected[0], atol=1e-4)  # 27 frames, then padding as model_input's
+  np.testing.assert_allclose(features[1], expected[0], atol=1e-4)  # 27 frames, then padding as the fixed framing's
   np.testing.assert_allclose(features[0], np.asarray(model_input(batch[:1], lengths[:1], AUDIO))[0], atol=1e-4)
   with pytest.raises(ValueError, match="roll"):
-    slot_input(batch, lengths, shifts, AUDIO, 100, augment=dict(freq_mask=0, time_mask=0, noise=False, roll=10),
-               rng=jax.random.key(0))
+    model_input(batch, lengths, AUDIO, window_shifts=shifts, frames=100,
+                augment=dict(freq_mask=0, time_mask=0, noise=False, roll=10), rng=jax.random.key(0))
+  with pytest.raises(ValueError, match="pass frames"):
+    model_input(batch, lengths, AUDIO, window_shifts=shifts)

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ast_jax.models.ast import PatchEmbed
-from ast_jax.models.flexi import (flexi_patch_embed, patch_grid_flexi, pi_resize_matrix, resize_matrix,
-                                  resize_patch_kernel, resize_pos_grid)
+from ast_jax.audio.patches import patch_grid
+from ast_jax.models.flexi import pi_resize_matrix, resize_matrix, resize_patch_kernel
+from ast_jax.models.tokens import PatchEmbed
+from tests.references import flexi_patch_embed
+from ast_jax.models.positions import resize_table
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -116,7 +118,7 @@ def test_tokens_of_resized_patches_unchanged(new):
   reference = embed(spectrogram_from_patches(patches), kernel, bias, patch=BASE)
   np.testing.assert_allclose(reference[0], expected.reshape(12, WIDTH), rtol=0, atol=1e-4 * scale)
   spectrogram = spectrogram_from_patches(resized, extra_mel=new[0] - 1, extra_frames=new[1] - 1)
-  assert patch_grid_flexi(spectrogram.shape[2], spectrogram.shape[1], new) == (3, 4)
+  assert patch_grid(spectrogram.shape[2], spectrogram.shape[1], new) == (3, 4)
   tokens = embed(spectrogram, kernel, bias, patch=new)
   assert tokens.shape == (1, 12, WIDTH)
   np.testing.assert_allclose(tokens, reference, rtol=0, atol=1e-4 * scale)
@@ -126,7 +128,7 @@ def test_patch_embed_at_base_matches_ast_layout():
   kernel, bias = random_kernel()
   spectrogram = np.random.default_rng(4).normal(size=(2, 70, 50)).astype(np.float32)  # grid 3 x 4, remainders
   tokens = flexi_patch_embed(spectrogram, kernel, bias, 16)
-  ast_tokens = PatchEmbed(WIDTH, 16, 16, 16).apply({"params": {"proj": {"kernel": kernel, "bias": bias}}}, spectrogram)
+  ast_tokens = PatchEmbed(WIDTH, (16, 16), (16, 16)).apply({"params": {"proj": {"kernel": kernel, "bias": bias}}}, spectrogram)
   assert tokens.shape == (2, 12, WIDTH)
   np.testing.assert_allclose(tokens, ast_tokens, atol=1e-5)
   # Frequency-major: token f * time + t is the patch at mel bins 16f.. and frames 16t.. .
@@ -142,9 +144,10 @@ def torch_resize_grid(grid, new, antialias):
 
 
 @pytest.mark.parametrize("new", [(5, 21), (16, 128)])
-def test_resize_pos_grid_matches_torch_antialias(new):
+def test_antialias_table_matches_torch_antialias(new):
   pos_embed = np.random.default_rng(5).normal(size=(1, 2 + 8 * 64, 6)).astype(np.float32)
-  resized = jax.jit(resize_pos_grid, static_argnums=(1, 2))(jnp.asarray(pos_embed), (8, 64), new)
+  resize = jax.jit(functools.partial(resize_table, rule="antialias"), static_argnums=(1, 2))
+  resized = resize(jnp.asarray(pos_embed), (8, 64), new)
   assert resized.shape == (1, 2 + new[0] * new[1], 6) and resized.dtype == jnp.float32
   np.testing.assert_array_equal(resized[:, :2], pos_embed[:, :2])
   grid = pos_embed[0, 2:].reshape(8, 64, 6)
@@ -154,14 +157,14 @@ def test_resize_pos_grid_matches_torch_antialias(new):
     assert np.abs(expected - torch_resize_grid(grid, new, antialias=False)).max() > 0.1
 
 
-def test_resize_pos_grid_dtype_and_identity():
+def test_antialias_table_dtype_and_identity():
   pos_embed = jnp.asarray(np.random.default_rng(6).normal(size=(1, 2 + 4 * 8, 4)), jnp.bfloat16)
-  resized = resize_pos_grid(pos_embed, (4, 8), (2, 5))
+  resized = resize_table(pos_embed, (4, 8), (2, 5), rule="antialias")
   assert resized.dtype == jnp.bfloat16 and resized.shape == (1, 2 + 10, 4)
   np.testing.assert_array_equal(np.asarray(resized[:, :2], np.float32), np.asarray(pos_embed[:, :2], np.float32))
-  assert resize_pos_grid(pos_embed, (4, 8), (4, 8)) is pos_embed
+  assert resize_table(pos_embed, (4, 8), (4, 8), rule="antialias") is pos_embed
   with pytest.raises(ValueError, match="does not match"):
-    resize_pos_grid(pos_embed, (4, 9), (2, 5))
+    resize_table(pos_embed, (4, 9), (2, 5), rule="antialias")
 
 
 def test_kernel_identity_dtype_and_jit_paths():
@@ -180,11 +183,11 @@ def test_kernel_identity_dtype_and_jit_paths():
   np.testing.assert_allclose(jitted, eager, atol=1e-4)
 
 
-def test_patch_grid_flexi():
-  assert patch_grid_flexi(128, 1024, (16, 16)) == (8, 64)
-  assert patch_grid_flexi(128, 1000, (24, 40)) == (5, 25)
-  assert patch_grid_flexi(128, 1024, 48) == (2, 21)
+def test_non_overlapping_patch_grid():
+  assert patch_grid(128, 1024, (16, 16)) == (8, 64)
+  assert patch_grid(128, 1000, (24, 40)) == (5, 25)
+  assert patch_grid(128, 1024, 48) == (2, 21)
   with pytest.raises(ValueError, match="smaller than one"):
-    patch_grid_flexi(128, 30, (16, 32))
+    patch_grid(128, 30, (16, 32))
   with pytest.raises(ValueError, match="smaller than one"):
-    patch_grid_flexi(10, 1024, 12)
+    patch_grid(10, 1024, 12)

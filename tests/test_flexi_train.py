@@ -16,8 +16,9 @@ import pytest
 
 from ast_jax.audio import model_input
 from ast_jax.models import build_model
-from ast_jax.models.ast import AST, PatchEmbed
-from ast_jax.models.flexi import flexi_patch_embed
+from ast_jax.models.ast import AST
+from ast_jax.models.tokens import PatchEmbed
+from tests.references import flexi_patch_embed
 from ast_jax.train.config_checks import ConfigError, validate_config
 from ast_jax.train.losses import classification_loss
 from ast_jax.train.state import create_train_state
@@ -32,7 +33,7 @@ def small_ast(**fields):
 
 def test_patch_embed_at_any_size_is_the_pi_resized_conv():
   spectrogram = jax.random.normal(jax.random.key(0), (2, 128, 64))
-  embed = PatchEmbed(32, 16, 16, 16)
+  embed = PatchEmbed(32, (16, 16), (16, 16))
   params = nn.meta.unbox(embed.init(jax.random.key(1), spectrogram)["params"])
   kernel, bias = params["proj"]["kernel"], params["proj"]["bias"]
   for patch in [(8, 8), (24, 24), (16, 32), (12, 20)]:
@@ -102,16 +103,17 @@ def test_base_weight_adds_the_stored_size_loss(distill):
   batch_size, samples = 4, int(config.audio.sample_rate * 0.4)
   waveforms = 0.1 * jax.random.normal(jax.random.key(0), (batch_size, samples))
   labels = jax.nn.one_hot(np.array([0, 1, 2, 3]) % config.num_classes, config.num_classes)
-  batch = {"waveform": waveforms, "num_samples": np.full(batch_size, samples, np.int32), "label": labels,
-           "mask": np.ones(batch_size, np.float32)}
-  features = model_input(waveforms, batch["num_samples"], config.audio.to_dict())
+  mask = np.ones(batch_size, np.float32)
+  batch = {"waveform": waveforms[:, None], "num_samples": np.full((batch_size, 1), samples, np.int32),
+           "label": labels[:, None], "clip_mask": mask[:, None]}  # whole-clip rows (data/batch.py)
+  features = model_input(waveforms, np.full(batch_size, samples, np.int32), config.audio.to_dict())
   params = model.init(jax.random.key(1), features)["params"]
   state = create_train_state(params, optax.sgd(0.0), False)
 
   @functools.partial(jax.jit, static_argnums=0)
   def loss_at(patch, targets):
     logits, _ = model.apply({"params": params}, features, patch=patch)
-    return classification_loss(logits, targets, batch["mask"], "ce"), logits
+    return classification_loss(logits, targets, mask, "ce"), logits
 
   base, base_logits = loss_at((16, 16), labels)
   drawn_targets = jax.nn.softmax(base_logits) if distill else labels
@@ -182,7 +184,7 @@ def test_fsdd_recipes_validate(arg):
 
 
 def test_time_only_sizes_keep_the_frequency_size():
-  from ast_jax.train.sweep import patch_shape_of
+  from ast_jax.train.eval_sweep import patch_shape_of
 
   config = flexi_config()
   config.model.flexi_axes = "time"

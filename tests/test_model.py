@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from ast_jax.models import AST, init_params, patch_grid
-from ast_jax.models.ast import PatchEmbed, model_kwargs
+from ast_jax.audio.patches import patch_grid
+from ast_jax.models import init_params
+from ast_jax.models.ast import AST
+from ast_jax.models.tokens import PatchEmbed
+from ast_jax.models.vit import vit_kwargs
 
 
 def count(params) -> int:
@@ -21,16 +24,16 @@ def abstract_params(model, frames=1024, mel_bins=128):
 
 def test_ast_base_audioset_size_and_tokens():
   params = abstract_params(AST(num_classes=527))
-  assert count(params) == pytest.approx(86.59e6, abs=0.005e6)  # REFERENCE.md 1.2: 88.132 M less 1.538 M DeiT heads
+  assert count(params) == pytest.approx(86.59e6, abs=0.005e6)  # docs/BACKGROUND.md section 1.2: 88.132 M less 1.538 M DeiT heads
   assert params["pos_embed"].shape == (1, 1212 + 2, 768)
-  assert patch_grid(128, 1024, 16, 10, 10) == (12, 101)
+  assert patch_grid(128, 1024, 16, (10, 10)) == (12, 101)
   stride16 = abstract_params(AST(num_classes=527, fstride=16, tstride=16))
   assert stride16["pos_embed"].shape == (1, 512 + 2, 768)
 
 
 @pytest.mark.parametrize("frames,grid", [(512, (12, 50)), (128, (12, 12))])
 def test_recipe_grids(frames, grid):
-  assert patch_grid(128, frames, 16, 10, 10) == grid
+  assert patch_grid(128, frames, 16, (10, 10)) == grid
 
 
 def test_tokens_are_frequency_major():
@@ -38,7 +41,7 @@ def test_tokens_are_frequency_major():
   spectrogram = jax.random.normal(jax.random.key(1), (1, 64, 48))  # 3 x 4 patches
   variables = {"params": init_params(model, jax.random.key(0), spectrogram)}
   kernel = np.asarray(variables["params"]["patch_embed"]["proj"]["kernel"])[..., 0, :]  # [16 (freq), 16 (time), D]
-  embed = PatchEmbed(8, 16, 16, 16)
+  embed = PatchEmbed(8, (16, 16), (16, 16))
   tokens = jax.jit(embed.apply)({"params": variables["params"]["patch_embed"]}, spectrogram)
   image = np.asarray(spectrogram[0]).T  # [mel_bins, frames]
   bias = np.asarray(variables["params"]["patch_embed"]["proj"]["bias"])
@@ -56,11 +59,11 @@ def _layer_norm(x, scale, bias, eps):
 
 
 def reference_forward(params, spectrogram, num_heads, fstride, tstride):
-  """An independent NumPy AST forward pass, following REFERENCE.md 1.2 line by line."""
+  """An independent NumPy AST forward pass, following docs/BACKGROUND.md section 1.2 line by line."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   image = np.asarray(spectrogram, np.float64)[0].T
   kernel = p["patch_embed"]["proj"]["kernel"][..., 0, :]
-  freq, time = patch_grid(image.shape[0], image.shape[1], 16, fstride, tstride)
+  freq, time = patch_grid(image.shape[0], image.shape[1], 16, (fstride, tstride))
   tokens = np.stack([np.einsum("ft,ftd->d", image[f * fstride:f * fstride + 16, t * tstride:t * tstride + 16], kernel)
                      for f in range(freq) for t in range(time)]) + p["patch_embed"]["proj"]["bias"]
   x = np.concatenate([p["cls_token"][0], p["dist_token"][0], tokens]) + p["pos_embed"][0]
@@ -69,13 +72,14 @@ def reference_forward(params, spectrogram, num_heads, fstride, tstride):
   for index in range(len([k for k in p["encoder"] if k.startswith("blocks_")])):
     block = p["encoder"][f"blocks_{index}"]
     h = _layer_norm(x, block["norm1"]["scale"], block["norm1"]["bias"], 1e-6)
-    qkv = h @ block["attn"]["qkv"]["kernel"] + block["attn"]["qkv"]["bias"]
+    # Per-head kernels [D, 3, heads, head_dim] and [heads, head_dim, D], flattened C-order as timm's.
+    qkv = h @ block["attn"]["qkv"]["kernel"].reshape(width, 3 * width) + block["attn"]["qkv"]["bias"].reshape(-1)
     q, k, v = (qkv[:, i * width:(i + 1) * width].reshape(-1, num_heads, head_dim).transpose(1, 0, 2) for i in range(3))
     logits = q @ k.transpose(0, 2, 1) / np.sqrt(head_dim)
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     mixed = (weights @ v).transpose(1, 0, 2).reshape(-1, width)
-    x = x + mixed @ block["attn"]["proj"]["kernel"] + block["attn"]["proj"]["bias"]
+    x = x + mixed @ block["attn"]["proj"]["kernel"].reshape(width, width) + block["attn"]["proj"]["bias"]
     h = _layer_norm(x, block["norm2"]["scale"], block["norm2"]["bias"], 1e-6)
     h = h @ block["mlp"]["fc1"]["kernel"] + block["mlp"]["fc1"]["bias"]
     h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
@@ -113,10 +117,10 @@ def test_bfloat16_compute_stays_finite_and_close():
 
 
 def test_model_kwargs_errors_name_the_problem():
-  with pytest.raises(ValueError, match="unknown AST variant 'huge'"):
-    model_kwargs({"variant": "huge"})
+  with pytest.raises(ValueError, match="unknown ViT variant 'huge'"):
+    vit_kwargs({"variant": "huge"}, AST)
   with pytest.raises(ValueError, match="not divisible"):
-    model_kwargs({"variant": "", "width": 100, "depth": 2, "num_heads": 3})
+    vit_kwargs({"variant": "", "width": 100, "depth": 2, "num_heads": 3}, AST)
   with pytest.raises(ValueError, match="smaller than one 16x16 patch"):
     AST(num_classes=2, width=32, depth=1, num_heads=2).init(jax.random.key(0), jnp.zeros((1, 8, 128)))
 

@@ -72,6 +72,45 @@ sys.stdout.write(f"sum {float(jax.jit(lambda x: x.sum())(rows))}\\n")
 """
 
 
+# Each process's packed (ElasticAST) training batches and one evaluation pass, as the trainer asks for them, and
+# the evaluation clips its reader decoded.
+PACKED_HOSTS = """
+import sys
+
+import jax
+import numpy as np
+
+from ast_jax.data.demo import demo_sources
+from ast_jax.data.inputs import PackedInput
+from ast_jax.data.reader import WaveformReader
+from ast_jax.parallel import distributed
+from configs import demo
+
+
+class CountingReader(WaveformReader):
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.decoded = []
+
+  def decode(self, index):
+    self.decoded.append(int(index))
+    return super().decode(index)
+
+
+distributed.initialize()
+config = demo.get_config("elastic")
+sources = demo_sources(config.seed, 24, 16)
+inputs = PackedInput(config, sources)
+inputs.eval_reader = CountingReader(sources.eval, inputs.spec.sample_rate)
+host = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+train = inputs.train_iterator(config.seed, **host)
+arrays = {f"train{step}/{key}": value for step in range(2) for key, value in next(train).items()}
+arrays.update({f"eval{number}/{key}": value for number, batch in enumerate(inputs.eval_batches(**host))
+               for key, value in batch.items()})
+np.savez(f"{sys.argv[1]}/host_{jax.process_index()}.npz", decoded=np.sort(inputs.eval_reader.decoded), **arrays)
+"""
+
+
 def cpu_env() -> dict[str, str]:
   """CPU only, one device per process, and the repository importable from a script in a temporary directory."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get(
@@ -159,6 +198,32 @@ def test_two_processes_train_like_one(tmp_path: pathlib.Path):
   for key in ("loss", "accuracy", "train_loss"):
     np.testing.assert_allclose(two_record[key], one_record[key], rtol=1e-5, err_msg=key)
   assert os.path.isdir(os.path.join(two_dir, "model")) and os.path.isdir(os.path.join(two_dir, "checkpoints", "3"))
+
+
+def test_two_processes_decode_only_their_packed_rows(tmp_path: pathlib.Path):
+  """Packed batches: each process decodes only the clips of its own block of rows, and the two blocks are the
+  single process's global batches."""
+  from ast_jax.data.demo import demo_sources
+  from ast_jax.data.inputs import PackedInput
+  from configs import demo
+
+  run_launch([sys.executable, write_program(tmp_path, "packed_hosts.py", PACKED_HOSTS), str(tmp_path)], 2)
+  hosts = [np.load(tmp_path / f"host_{index}.npz") for index in range(2)]
+  config = demo.get_config("elastic")
+  inputs = PackedInput(config, demo_sources(config.seed, 24, 16))
+  train = inputs.train_iterator(config.seed)
+  expected = {f"train{step}/{key}": value for step in range(2) for key, value in next(train).items()}
+  expected.update({f"eval{number}/{key}": value for number, batch in enumerate(inputs.eval_batches())
+                   for key, value in batch.items()})
+  for name, value in expected.items():
+    np.testing.assert_array_equal(np.concatenate([host[name] for host in hosts]), value, err_msg=name)
+  assert sorted(name for name in hosts[0].files if name != "decoded") == sorted(expected)
+  [plans] = inputs.eval_plans.values()
+  for index, host in enumerate(hosts):
+    rows = slice(index * plans.spec.rows // 2, (index + 1) * plans.spec.rows // 2)
+    share = sorted(clip for batch in plans.epoch(0).batches for row in batch[rows] for clip in row)
+    assert 0 < len(share) < 16 and host["decoded"].tolist() == share  # its own clips, each decoded once
+  assert sum(len(host["decoded"]) for host in hosts) == 16
 
 
 @pytest.mark.slow  # about 40 s; single-process resume after kills runs in the default suite (tests/test_faults.py)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ast_jax.data.packing import (keep_tokens, kept_tokens, lay_out, pack, padded_efficiency, patch_grid_of,
+from ast_jax.audio.patches import patch_grid
+from ast_jax.data.packer import (keep_tokens, kept_tokens, lay_out, pack, padded_efficiency,
                                   plan_batches, plan_rows)
 
 FSDD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared", "data", "fsdd",
@@ -84,10 +85,10 @@ def test_fixed_row_count_pads_and_overflow_is_an_error():
 
 
 def test_short_clips_get_one_time_patch():
-  assert patch_grid_of(frames=9, mel_bins=128, patch=16) == (8, 1)
-  assert patch_grid_of(frames=100, mel_bins=64, patch=16) == (4, 6)
-  with pytest.raises(ValueError, match="fewer than one"):
-    patch_grid_of(frames=100, mel_bins=8, patch=16)
+  assert patch_grid(128, 9, 16, at_least_one=True) == (8, 1)
+  assert patch_grid(64, 100, 16, at_least_one=True) == (4, 6)
+  with pytest.raises(ValueError, match="too few mel bins"):
+    patch_grid(8, 100, 16, at_least_one=True)
 
 
 def test_batches_have_fixed_rows_and_take_every_clip_once():
@@ -110,7 +111,7 @@ def test_fsdd_natural_lengths_pack_at_least_95_percent():
     pytest.skip("FSDD is not beside the repository")
   # 128 mel bins, 16x16 patches, 10 ms frames: the clip's native length in frames (25 ms window).
   frames = [1 + max(0, int(sf.info(path).duration * 1000 - 25) // 10) for path in files]
-  grids = [patch_grid_of(count, 128, 16) for count in frames]
+  grids = [patch_grid(128, count, 16, at_least_one=True) for count in frames]
   order = np.random.default_rng(0).permutation(len(grids))
   counts = [grids[i][0] * grids[i][1] for i in order]
   batches = plan_batches(counts, rows=4, row_tokens=512, max_clips=32)

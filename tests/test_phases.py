@@ -14,9 +14,8 @@ import pytest
 from ast_jax.audio import model_input
 from ast_jax.audio.fbank import FbankOptions, num_frames
 from ast_jax.audio.features import clip_samples, pool_time
-from ast_jax.bench.flops import config_flops
 from ast_jax.convert.model_dir import load_model_dir
-from ast_jax.models import build_model, example_inputs, init_params
+from ast_jax.models import build_model, config_flops, example_inputs, init_params
 from ast_jax.train.config_checks import ConfigError, validate_config
 from ast_jax.train.phases import Phase, carry_params, model_grid, parse_phases, phase_config, plan_phases
 from ast_jax.train.trainer import train_and_evaluate

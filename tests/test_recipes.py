@@ -146,7 +146,7 @@ def test_training_starts_from_imagenet_weights(tmp_path):
   import torch
 
   from ast_jax.convert.model_dir import load_model_dir
-  from ast_jax.convert.posembed import adapt_pos_embed
+  from ast_jax.models.positions import resize_table
 
   width, depth = 64, 2
   generator = torch.Generator().manual_seed(0)
@@ -176,5 +176,6 @@ def test_training_starts_from_imagenet_weights(tmp_path):
                              state["blocks.1.mlp.fc1.weight"].numpy().T, rtol=0, atol=0)
   np.testing.assert_allclose(params["patch_embed"]["proj"]["kernel"][..., 0, :],
                              state["patch_embed.proj.weight"].numpy().sum(1).transpose(1, 2, 0), atol=1e-6)
-  np.testing.assert_allclose(params["pos_embed"], adapt_pos_embed(state["pos_embed"].numpy(), (24, 24), (12, 101)),
+  np.testing.assert_allclose(params["pos_embed"],
+                             resize_table(state["pos_embed"].numpy(), (24, 24), (12, 101), rule="upstream"),
                              rtol=0, atol=0)

@@ -7,8 +7,9 @@ import optax
 import pytest
 
 from ast_jax.convert import torch_layout
-from ast_jax.models import AST, init_params
-from ast_jax.models.ast import model_kwargs
+from ast_jax.models import init_params
+from ast_jax.models.ast import AST
+from ast_jax.models.vit import vit_kwargs
 from ast_jax.models.layers import scan_layers, unscan_layers
 from ast_jax.train.trainer import Throughput
 
@@ -105,10 +106,10 @@ def test_cudnn_attention_matches_xla():
 
 def test_switches_are_validated():
   with pytest.raises(ValueError, match="config.model.attention"):
-    model_kwargs({"variant": "tiny", "attention": "flash"})
+    vit_kwargs({"variant": "tiny", "attention": "flash"}, AST)
   with pytest.raises(ValueError, match="config.model.remat"):
-    model_kwargs({"variant": "tiny", "remat": "some"})
-  assert model_kwargs({"variant": "tiny", "remat": True})["remat"] == "full"  # older model directories
+    vit_kwargs({"variant": "tiny", "remat": "some"}, AST)
+  assert vit_kwargs({"variant": "tiny", "remat": True}, AST)["remat"] == "full"  # older model directories
 
 
 def test_throughput_counts_tokens_and_mfu():

@@ -28,7 +28,7 @@ def test_metrics_match_scikit_learn_with_ties():
 
 
 def test_d_prime_of_the_paper():
-  assert d_prime(0.9786) == pytest.approx(2.864, abs=2e-3)  # REFERENCE.md 1.6: AUC 0.9786 <-> d' 2.864
+  assert d_prime(0.9786) == pytest.approx(2.864, abs=2e-3)  # docs/BACKGROUND.md section 1.6: AUC 0.9786 <-> d' 2.864
 
 
 def test_metrics_reject_mismatched_shapes():
@@ -107,6 +107,16 @@ def test_bad_parallelism_and_speed_settings_are_named():
   for fragment in ("at most one -1", "('batch', ('data', 'pipeline'))", "model.attention='flash'",
                    "model.remat='sometimes'", "train.grad_accum_steps=0"):
     assert fragment in message, fragment
+
+
+def test_tensor_parallelism_needs_heads_that_divide():
+  config = demo.get_config()
+  config.model.update(variant="tiny")  # 3 heads
+  config.mesh.update(data=-1, tensor=2)
+  with pytest.raises(ValueError, match="tensor=2 does not divide the model's 3 attention heads"):
+    validate_config(config)
+  config.mesh.update(tensor=3)
+  validate_config(config)
 
 
 def test_recipes_carry_the_paper_hyperparameters():

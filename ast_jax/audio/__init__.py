@@ -2,7 +2,7 @@
 
 from ast_jax.audio.augment import add_noise, add_noise_and_roll, frequency_time_mask, roll_time
 from ast_jax.audio.fbank import FbankOptions, fbank_batch, kaldi_fbank
-from ast_jax.audio.features import AugmentSpec, FrontEnd, clip_samples, model_input, slot_input
+from ast_jax.audio.features import AugmentSpec, FrontEnd, clip_samples, model_input
 from ast_jax.audio.io import AudioError, load_audio, remove_mean, resample
 
 __all__ = [
@@ -21,5 +21,4 @@ __all__ = [
     "remove_mean",
     "resample",
     "roll_time",
-    "slot_input",
 ]

@@ -60,7 +60,7 @@ class FrontEnd:
   target_length: int  # frames
   mean: float
   std: float
-  # Temporal compression (multi-phase training, REFERENCE.md 4): 'avg' or 'max' pooling along time with
+  # Temporal compression (multi-phase training, docs/BACKGROUND.md section 4): 'avg' or 'max' pooling along time with
   # kernel = stride = time_pool_factor after normalisation; the model sees target_length // factor frames.
   time_pool: str = "none"
   time_pool_factor: int = 1
@@ -136,18 +136,23 @@ def pad_or_cut(fbank: jax.Array, num_frames: jax.Array, target_length: int) -> j
   return jnp.pad(fbank, ((0, 0), (0, target_length - frames), (0, 0)))
 
 
-@functools.partial(jax.jit, static_argnames=("front", "spec"))
-def _model_input(waveforms, num_samples, rng, front: FrontEnd, spec: AugmentSpec | None):
+@functools.partial(jax.jit, static_argnames=("front", "spec", "frames"))
+def _model_input(waveforms, num_samples, window_shifts, time_scale, rng, front: FrontEnd, spec: AugmentSpec | None,
+                 frames: int):
   keys = jax.random.split(rng, 3) if rng is not None else (None, None, None)
-  fbank, num_frames = batch_features(waveforms, num_samples, front.fbank_options(), keys[0])
-  fbank = pad_or_cut(fbank, num_frames, front.target_length)
+  if window_shifts is None:
+    fbank, num_frames = batch_features(waveforms, num_samples, front.fbank_options(), keys[0])
+  else:
+    fbank, num_frames = batch_features_at(waveforms, num_samples, window_shifts, front.fbank_options(), frames, keys[0])
+  fbank = pad_or_cut(fbank, num_frames, frames)
   if spec is not None and (spec.freq_mask > 0 or spec.time_mask > 0):
-    fbank = augment_lib.frequency_time_mask(keys[1], fbank, spec.freq_mask, spec.time_mask)
+    fbank = augment_lib.frequency_time_mask(keys[1], fbank, spec.freq_mask, spec.time_mask, time_scale)
   fbank = (fbank - front.mean) / (2.0 * front.std)
   if spec is not None and (spec.noise or spec.roll > 0):
-    noise_key, roll_key = jax.random.split(keys[2])
+    # Clips framed at their own shift take no roll, and their noise key is the third key itself.
+    noise_key, roll_key = jax.random.split(keys[2]) if window_shifts is None else (keys[2], None)
     fbank = augment_lib.add_noise(noise_key, fbank) if spec.noise else fbank
-    fbank = augment_lib.roll_time(roll_key, fbank, spec.roll)
+    fbank = augment_lib.roll_time(roll_key, fbank, spec.roll) if spec.roll > 0 else fbank
   return pool_time(fbank, front.time_pool, front.time_pool_factor)
 
 
@@ -156,12 +161,21 @@ def model_input(
     num_samples,
     audio: Mapping[str, Any] | FrontEnd,
     *,
+    window_shifts=None,
+    frames: int | None = None,
+    time_scale=None,
     augment: Mapping[str, Any] | AugmentSpec | None = None,
     rng: jax.Array | None = None,
 ) -> jax.Array:
-  """Waveforms `[batch, samples]` -> float32 `[batch, frames, mel_bins]`; clip i ends at `num_samples[i]`.
-  `frames` is `target_length`, or `target_length // time_pool_factor` with `audio.time_pool` ('avg' or 'max':
-  pooled along time after everything else, the coarse input of multi-phase training).
+  """The front end, the one entry for every input: waveforms `[n, samples]` -> float32 `[n, frames, mel_bins]`;
+  clip i ends at `num_samples[i]`, and frames past its end are zero before normalisation (upstream's pad).
+
+  - Fixed-length clips (`window_shifts` None): `frames` is `audio.target_length` (clips padded or cut to it), or
+    `target_length // time_pool_factor` with `audio.time_pool` ('avg' or 'max': pooled along time after
+    everything else, the coarse input of multi-phase training).
+  - Clips of any length and resolution (packed rows): clip i is framed at its own `window_shifts[i]` samples into
+    `frames` frames; `time_scale[i]` scales its time-mask width (1/q). No time roll: it would move a clip across
+    the end of its own frames.
 
   `audio` is `config.audio` and `augment` is `config.augment` (both read once into hashable form; callable
   inside jit). Augmentation runs only when both `augment` and `rng` are given (training); `rng` also feeds
@@ -176,65 +190,25 @@ def model_input(
     raise ValueError(f"audio.dither={options.dither} needs a PRNG key: pass rng")
   waveforms = jnp.asarray(waveforms, jnp.float32)
   if waveforms.ndim != 2:
-    raise ValueError(f"model_input expects waveforms [batch, samples], got shape {waveforms.shape}")
+    raise ValueError(f"model_input expects waveforms [n, samples], got shape {waveforms.shape}")
   batch, samples = waveforms.shape
-  if num_samples is None:
-    num_samples = jnp.full((batch,), samples, jnp.int32)
-  num_samples = jnp.asarray(num_samples, jnp.int32)
-  # Frame t reads samples [t * shift, t * shift + frame_len) only, so later samples cannot reach the output.
-  needed = clip_samples(front.target_length, front.sample_rate, front.frame_length, front.frame_shift)
-  if samples > needed:
-    waveforms, num_samples = waveforms[:, :needed], jnp.minimum(num_samples, needed)
-  elif samples < options.window_size:  # too short for one frame: every clip gets 0 frames, all padding
-    waveforms = jnp.pad(waveforms, ((0, 0), (0, options.window_size - samples)))
-  return _model_input(waveforms, num_samples, rng, front, spec)
-
-
-@functools.partial(jax.jit, static_argnames=("front", "spec", "frames"))
-def _slot_input(waveforms, num_samples, window_shifts, time_scale, rng, front: FrontEnd, spec: AugmentSpec | None,
-                frames: int):
-  keys = jax.random.split(rng, 3) if rng is not None else (None, None, None)
-  fbank, num_frames = batch_features_at(waveforms, num_samples, window_shifts, front.fbank_options(), frames, keys[0])
-  fbank = pad_or_cut(fbank, num_frames, frames)
-  if spec is not None and (spec.freq_mask > 0 or spec.time_mask > 0):
-    fbank = augment_lib.frequency_time_mask(keys[1], fbank, spec.freq_mask, spec.time_mask, time_scale)
-  fbank = (fbank - front.mean) / (2.0 * front.std)
-  if spec is not None and spec.noise:
-    fbank = augment_lib.add_noise(keys[2], fbank)
-  return fbank
-
-
-def slot_input(
-    waveforms,
-    num_samples,
-    window_shifts,
-    audio: Mapping[str, Any] | FrontEnd,
-    frames: int,
-    *,
-    time_scale: jax.Array | None = None,
-    augment: Mapping[str, Any] | AugmentSpec | None = None,
-    rng: jax.Array | None = None,
-) -> jax.Array:
-  """ElasticAST's front end for clips of any length and resolution: waveforms `[n, samples]`, each framed at its
-  own `window_shifts[i]` samples -> float32 `[n, frames, mel_bins]`, frames past a clip's end zero before
-  normalisation (as `model_input` pads). `time_scale[i]` scales clip i's time-mask width (1/q).
-
-  Augmentation as `model_input`, except the time roll, which would move a clip across the end of its own frames.
-  """
-  front = FrontEnd.from_config(audio)
-  spec = AugmentSpec.from_config(augment) if augment is not None and rng is not None else None
-  spec = spec if spec is not None and spec.active else None
-  if spec is not None and spec.roll > 0:
-    raise ValueError("augment.roll is not supported for clips of native length (packed input); set it to 0")
-  if front.dither > 0.0 and rng is None:
-    raise ValueError(f"audio.dither={front.dither} needs a PRNG key: pass rng")
-  waveforms = jnp.asarray(waveforms, jnp.float32)
-  if waveforms.ndim != 2:
-    raise ValueError(f"slot_input expects waveforms [n, samples], got shape {waveforms.shape}")
-  window = front.fbank_options().window_size
-  if waveforms.shape[1] < window:
-    waveforms = jnp.pad(waveforms, ((0, 0), (0, window - waveforms.shape[1])))
-  if time_scale is None:
-    time_scale = jnp.ones(waveforms.shape[:1], jnp.float32)
-  return _slot_input(waveforms, jnp.asarray(num_samples, jnp.int32), jnp.asarray(window_shifts, jnp.int32),
-                     jnp.asarray(time_scale, jnp.float32), rng, front, spec, int(frames))
+  num_samples = (jnp.full((batch,), samples, jnp.int32) if num_samples is None
+                 else jnp.asarray(num_samples, jnp.int32))
+  if window_shifts is None:
+    frames = front.target_length
+    # Frame t reads samples [t * shift, t * shift + frame_len) only, so later samples cannot reach the output.
+    needed = clip_samples(front.target_length, front.sample_rate, front.frame_length, front.frame_shift)
+    if samples > needed:
+      waveforms, num_samples = waveforms[:, :needed], jnp.minimum(num_samples, needed)
+  else:
+    if spec is not None and spec.roll > 0:
+      raise ValueError("augment.roll is not supported for clips of native length (packed input); set it to 0")
+    if front.time_pool != "none":
+      raise ValueError("audio.time_pool applies to fixed-length clips, not clips framed at their own shift")
+    if frames is None:
+      raise ValueError("clips framed at their own shift need the number of frames to produce: pass frames")
+    window_shifts = jnp.asarray(window_shifts, jnp.int32)
+    time_scale = jnp.ones((batch,), jnp.float32) if time_scale is None else jnp.asarray(time_scale, jnp.float32)
+  if waveforms.shape[1] < options.window_size:  # too short for one frame: every clip gets 0 frames, all padding
+    waveforms = jnp.pad(waveforms, ((0, 0), (0, options.window_size - waveforms.shape[1])))
+  return _model_input(waveforms, num_samples, window_shifts, time_scale, rng, front, spec, int(frames))

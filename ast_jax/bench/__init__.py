@@ -1,7 +1,3 @@
-"""Benchmarks: the analytic FLOP count and MFU (flops.py), step-time sweeps against PyTorch (sweep.py,
-torch_ref.py, `python -m ast_jax.bench`), and their figure (plot.py)."""
-
-from ast_jax.bench.flops import (PEAK_FLOPS, config_flops, forward_flops, mfu, peak_flops_per_device,
-                                 train_flops_per_example)
-
-__all__ = ["PEAK_FLOPS", "config_flops", "forward_flops", "mfu", "peak_flops_per_device", "train_flops_per_example"]
+"""Benchmarks: step-time sweeps against PyTorch (`python -m ast_jax.bench`: cases.py, torch_ref.py), their figure
+(plot.py) and ElasticAST packed rows against an AST padded to the longest clip (packed_vs_padded.py). FLOP counts live with the models
+(models/flops.py), device peaks and MFU with the trainer's throughput (train/throughput.py)."""

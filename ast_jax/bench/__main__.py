@@ -6,7 +6,7 @@
   python -m ast_jax.bench --sweep=aum                           # AuM-tiny vs AST-tiny, 256..16384 tokens, batch 1
   python -m ast_jax.bench --sweep=tiny --variants=tiny --frames=128,256 --batch=1 --repeats=3 --out=/tmp/b
 
-Presets (sweep.PRESETS) are lists of (variant, frames, batch, stride[, backbone]); --variants, --frames, --batch,
+Presets (cases.PRESETS) are lists of (variant, frames, batch, stride[, backbone]); --variants, --frames, --batch,
 --stride, --attention, --remat, --backbones and --scans set that axis in every preset case to each listed value (duplicates
 dropped; backbone aum is Audio Mamba of the variant's width, configs.common.aum); --dtype
 replaces the preset's dtype. Protocol per case: build from configs.common.base_config() (128 mel bins, 527
@@ -70,15 +70,15 @@ def _integers(name: str, values: list[str]) -> list[int]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from ast_jax.bench import sweep
+  from ast_jax.bench import cases
 
-  cases = sweep.expand_cases(
+  chosen = cases.expand_cases(
       _SWEEP.value, variants=_VARIANTS.value, frames=_integers("frames", _FRAMES.value),
       batch=_integers("batch", _BATCH.value), stride=_integers("stride", _STRIDE.value), dtype=_DTYPE.value,
       attention=_ATTENTION.value, remat=_REMAT.value, scan_layers=_SCAN.value, width=_WIDTH.value,
       depth=_DEPTH.value, num_heads=_HEADS.value, backbones=_BACKBONES.value, scans=_SCANS.value)
   try:
-    sweep.check_cases(cases)
+    cases.check_cases(chosen)
   except ValueError as error:
     raise app.UsageError(str(error)) from error
   if _COMPARE.value:
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
     except RuntimeError as error:
       raise app.UsageError(str(error)) from error
   out_dir = _OUT.value or os.path.join("bench_out", _SWEEP.value)
-  sweep.run_sweep(cases, out_dir, warmup=_WARMUP.value, repeats=_REPEATS.value, compare=_COMPARE.value,
+  cases.run_sweep(chosen, out_dir, warmup=_WARMUP.value, repeats=_REPEATS.value, compare=_COMPARE.value,
                   peak_override=_PEAK.value, plot=_PLOT.value)
 
 

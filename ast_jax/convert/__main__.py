@@ -46,15 +46,17 @@ def read_with_config(path: str, source_format: str):
   import jax
   import jax.numpy as jnp
 
+  from ast_jax.audio.patches import patch_grid, patch_of, strides_of
   from ast_jax.convert import model_dir, original
-  from ast_jax.models import build_model, init_params
+  from ast_jax.models import build_model, family_of, init_params
 
   if _CONFIG.value is None:
     raise app.UsageError(f"--from={source_format} needs --config=configs/X.py (the recipe the weights belong to)")
   config = _CONFIG.value
-  if (source_format == "aum") != (config.model.get("name", "ast") == "aum"):
-    raise app.UsageError(f"--from={source_format} needs a config with model.name="
-                         f"{'aum' if source_format == 'aum' else 'ast'}, not {config.model.get('name', 'ast')!r}")
+  family = family_of(config)
+  if source_format not in family.weight_formats:
+    raise app.UsageError(f"--from={source_format}: the config's {family.name!r} model reads "
+                         f"{', '.join(family.weight_formats)}; give the config of the model the weights belong to")
   label_csv = _LABEL_CSV.value or config.data.label_csv
   names, ids = model_dir.label_names_from_csv(label_csv) if label_csv else ([], [])
   model = build_model(config)
@@ -62,10 +64,9 @@ def read_with_config(path: str, source_format: str):
   template = jax.tree.map(jax.device_get, init_params(model, jax.random.key(0), example))
   if source_format == "aum":
     from ast_jax.convert.aum import load_upstream
-    from ast_jax.models.ast import patch_grid
 
-    grid = patch_grid(config.audio.num_mel_bins, config.audio.target_length, config.model.patch_size,
-                      config.model.fstride, config.model.tstride)
+    grid = patch_grid(config.audio.num_mel_bins, config.audio.target_length, patch_of(config.model),
+                      strides_of(config.model))
     params, report = load_upstream(path, template, grid)
   else:
     params, report = original.load_original(path, template, config.model, config.audio.num_mel_bins,
@@ -77,12 +78,12 @@ def read_with_config(path: str, source_format: str):
 
 def write(target_format: str, bundle, path: str) -> None:
   from ast_jax.convert import hf, model_dir, original
+  from ast_jax.models import family_of
 
-  is_aum = bundle.config.model.get("name", "ast") == "aum"
-  if is_aum and target_format in ("hf", "original"):
-    raise ValueError(f"--to={target_format} holds AST models; an Audio Mamba model exports with --to=aum")
-  if target_format == "aum" and not is_aum:
-    raise ValueError(f"--to=aum holds Audio Mamba models, not {bundle.config.model.get('name', 'ast')!r}")
+  family = family_of(bundle.config)
+  if target_format not in family.weight_formats:
+    raise ValueError(f"--to={target_format} does not hold {family.name!r} models; they export with "
+                     + " or ".join(f"--to={f}" for f in family.weight_formats))
   if target_format == "ast_jax":
     model_dir.save_model_dir(path, bundle)
   elif target_format == "aum":

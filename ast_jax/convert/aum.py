@@ -1,6 +1,6 @@
 """Audio Mamba weights: our Linen tree <-> upstream AuM's PyTorch state dict (kaistmm/Audio-Mamba-AuM).
 
-Names (REFERENCE.md 5): `patch_embed.proj.*`, `cls_token` (or `cls_token_head` / `cls_token_tail`),
+Names (docs/BACKGROUND.md section 5.7): `patch_embed.proj.*`, `cls_token` (or `cls_token_head` / `cls_token_tail`),
 `pos_embed.pos_embed`, `layers.{i}.norm.weight`, `layers.{i}.mixer.{in_proj, conv1d, x_proj, dt_proj, A_log, D,
 A_b_log, out_proj, [conv1d_b, x_proj_b, dt_proj_b, D_b]}`, `norm_f.weight`, `head.*`; a `module.` prefix
 (DataParallel) is dropped on reading. Layouts: Dense kernel [in, out] <-> weight [out, in]; the depthwise conv
@@ -110,13 +110,14 @@ def from_upstream(state: Mapping[str, Any], template: Mapping[str, Any], grid: t
 def _resize_table(value: np.ndarray, fresh: np.ndarray, prefix: int, grid: tuple[int, int] | None) -> np.ndarray:
   """A positional table of another time length, resized to `grid` (the checkpoint has the same frequency rows:
   same mel bins and patches)."""
-  from ast_jax.models.flexi import resize_pos_grid
+  from ast_jax.models.positions import resize_table
 
   source_patches = value.shape[1] - prefix
   if grid is None or grid[0] * grid[1] != fresh.shape[1] - prefix or source_patches % grid[0]:
     raise ValueError(f"pos_embed.pos_embed: checkpoint {value.shape}, model {fresh.shape}: the checkpoint's "
                      f"{source_patches} patch rows do not form a grid with the model's frequency rows {grid}")
-  return np.asarray(resize_pos_grid(value, (grid[0], source_patches // grid[0]), grid, num_prefix=prefix))
+  return np.asarray(resize_table(value, (grid[0], source_patches // grid[0]), grid, rule="antialias",
+                                 prefix=prefix))
 
 
 def save_upstream(path: str, params: Mapping[str, Any]) -> None:

@@ -101,8 +101,8 @@ def hf_config(bundle: ModelBundle) -> dict[str, Any]:
   return {
       "architectures": ["ASTForAudioClassification"], "model_type": "audio-spectrogram-transformer",
       "hidden_size": int(width), "num_hidden_layers": torch_layout.depth_of(params),
-      "num_attention_heads": int(_num_heads(bundle)), "intermediate_size": int(params["encoder"]["blocks_0"]["mlp"]
-                                                                              ["fc1"]["kernel"].shape[1]),
+      "num_attention_heads": torch_layout.heads_of(params),
+      "intermediate_size": int(params["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"].shape[1]),
       "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
       "initializer_range": 0.02, "layer_norm_eps": float(model.layer_norm_eps), "qkv_bias": True,
       "patch_size": int(model.patch_size), "frequency_stride": int(model.fstride), "time_stride": int(model.tstride),
@@ -121,19 +121,15 @@ def preprocessor_config(bundle: ModelBundle) -> dict[str, Any]:
   }
 
 
-def _num_heads(bundle: ModelBundle) -> int:
-  from ast_jax.models.ast import model_kwargs
-
-  return model_kwargs(bundle.config.model)["num_heads"]
-
-
 def save_hf(path: str, bundle: ModelBundle) -> None:
   from safetensors.numpy import save_file
 
-  if bundle.config.model.get("name", "ast") != "ast":
-    raise ValueError(f"Hugging Face's ASTForAudioClassification holds AST models, not {bundle.config.model.name!r}"
-                     + ("; export Audio Mamba with --to=aum (ast_jax/convert/aum_torch.py runs it in PyTorch)"
-                        if bundle.config.model.name == "aum" else ""))
+  from ast_jax.models.family import family_of
+
+  family = family_of(bundle.config)
+  if "hf" not in family.weight_formats:
+    raise ValueError(f"Hugging Face's ASTForAudioClassification holds AST models, not {family.name!r} ones; "
+                     f"{family.name!r} models export with " + " or ".join(f"--to={f}" for f in family.weight_formats))
   os.makedirs(path, exist_ok=True)
   state = timm_to_hf(torch_layout.params_to_timm(bundle.params))
   save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
@@ -184,6 +180,6 @@ def load_hf(path: str) -> tuple[ModelBundle, list[str]]:
   missing = sorted(expected - set(state))
   if missing:
     raise ValueError(f"{path}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-  params = torch_layout.timm_to_params(state, depth)
+  params = torch_layout.timm_to_params(state, depth, heads)
   bundle = ModelBundle(params, bundle_config(model, audio, num_classes), labels)
   return bundle, sorted(set(state) - expected)

@@ -1,4 +1,4 @@
-"""ImageNet (timm DeiT / ViT) initialisation of AST, as upstream AST does it (REFERENCE.md 1.3).
+"""ImageNet (timm DeiT / ViT) initialisation of AST, as upstream AST does it (docs/BACKGROUND.md section 1.3).
 
 timm key                         ->  ast_jax param path                    transform
 cls_token [1,1,D]                    cls_token
@@ -6,7 +6,7 @@ dist_token [1,1,D] (or cls_token)    dist_token                            a pla
 pos_embed [1,P+G*G,D]                pos_embed [1,2+f*t,D]                 centre cut / bilinear per axis
 patch_embed.proj.weight [D,3,16,16]  patch_embed/proj/kernel [16,16,1,D]   RGB summed (upstream) or averaged
 blocks.{i}.{norm1,norm2}.weight      encoder/blocks_{i}/{norm1,norm2}/scale
-blocks.{i}.attn.qkv.weight [3D,D]    encoder/blocks_{i}/attn/qkv/kernel    transposed to [in, out]
+blocks.{i}.attn.qkv.weight [3D,D]    encoder/blocks_{i}/attn/qkv/kernel    transposed, split per head [D,3,H,D/H]
 norm.weight                          encoder/norm/scale
 head.*, head_dist.*                  (unused; our head stays freshly initialised)
 """
@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from ast_jax.convert.posembed import adapt_pos_embed, sum_rgb_kernel, to_numpy
+from ast_jax.convert.torch_layout import from_torch
+from ast_jax.models.positions import resize_table
 
 # Wrappers added by DataParallel or training scripts around a timm model's own keys.
 _KEY_PREFIXES = ("module.", "model.")
@@ -51,6 +52,33 @@ def _name_some(items: list[str]) -> str:
   return shown + (f" ... and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
 
 
+def to_numpy(array: Any) -> np.ndarray:
+  """A NumPy array from a NumPy/JAX array or a CPU torch tensor (torch bfloat16 is widened to float32)."""
+  if hasattr(array, "detach"):
+    array = array.detach().cpu()
+    if str(array.dtype) == "torch.bfloat16":
+      array = array.float()
+    return array.numpy()
+  return np.asarray(array)
+
+
+def sum_rgb_kernel(torch_weight: Any, mode: str = "sum") -> np.ndarray:
+  """A PyTorch conv weight `[D, C, kh, kw]` (C = 3 for RGB) -> a one-channel Flax kernel `[kh, kw, 1, D]`.
+
+  Upstream AST sums the input channels (`mode='sum'`, the paper says "averaged"); `mode='mean'` divides by C.
+  """
+  weight = to_numpy(torch_weight)
+  if weight.ndim != 4:
+    raise ValueError(f"conv weight must be [D, C, kh, kw], got shape {weight.shape}")
+  if mode == "sum":
+    merged = weight.sum(axis=1, keepdims=True, dtype=np.float64)
+  elif mode == "mean":
+    merged = weight.mean(axis=1, keepdims=True, dtype=np.float64)
+  else:
+    raise ValueError(f"mode must be 'sum' or 'mean', not {mode!r}")
+  return merged.transpose(2, 3, 1, 0).astype(weight.dtype)
+
+
 def _square_grid(pos_embed: np.ndarray, num_prefix: int) -> tuple[int, int]:
   """The ImageNet patch grid from a pos_embed `[1, num_prefix + G*G, D]`."""
   patches = pos_embed.shape[1] - num_prefix if pos_embed.ndim == 3 else 0
@@ -63,21 +91,22 @@ def _square_grid(pos_embed: np.ndarray, num_prefix: int) -> tuple[int, int]:
 def _convert_pos_embed(pos_embed: np.ndarray, has_dist: bool, new_grid: tuple[int, int]) -> np.ndarray:
   """Checkpoint pos_embed -> `[1, 2 + f*t, D]`, the cls row duplicated for dist when the checkpoint has no dist."""
   num_prefix = 2 if has_dist else 1
-  adapted = adapt_pos_embed(pos_embed, _square_grid(pos_embed, num_prefix), new_grid, num_prefix)
+  adapted = resize_table(pos_embed, _square_grid(pos_embed, num_prefix), new_grid, rule="upstream",
+                         prefix=num_prefix)
   if has_dist:
     return adapted
   return np.concatenate([adapted[:, :1], adapted[:, :1], adapted[:, 1:]], axis=1)
 
 
 def _convert(path: str, tensor: np.ndarray, state: Mapping[str, np.ndarray], new_grid: tuple[int, int],
-             channel_mode: str) -> np.ndarray:
-  """One checkpoint tensor in our layout (before the shape check)."""
+             channel_mode: str, expected: tuple[int, ...]) -> np.ndarray:
+  """One checkpoint tensor in our layout of shape `expected` (before the shape check)."""
   if path == "pos_embed":
     return _convert_pos_embed(tensor, "dist_token" in state, new_grid)
   if path.endswith("/kernel") and tensor.ndim == 4:
     return sum_rgb_kernel(tensor, channel_mode)
-  if path.endswith("/kernel") and tensor.ndim == 2:
-    return tensor.T  # torch Linear [out, in] -> Dense [in, out]
+  if path.endswith(("/kernel", "/bias")) and tensor.ndim <= 2:
+    return from_torch(tensor, expected)  # torch Linear [out, in] -> Dense [in, out], attention split per head
   return tensor
 
 
@@ -120,7 +149,7 @@ def imagenet_init(state_dict: Mapping[str, Any], params: Mapping[str, Any], *, n
       mismatched.append(f"{path} <- {original_key[source]!r} {tensor.shape}: width {tensor.shape[-1]} != model "
                         f"{expected[-1]}")
       continue
-    value = _convert(path, tensor, state, new_grid, channel_mode)
+    value = _convert(path, tensor, state, new_grid, channel_mode, expected)
     if value.shape != expected:
       grid_hint = f" (new_grid {tuple(new_grid)})" if path == "pos_embed" else ""
       mismatched.append(f"{path} <- {original_key[source]!r} {tensor.shape}: converted {value.shape} != model "

@@ -8,14 +8,15 @@ from typing import Any, Mapping
 
 from ast_jax.convert import hf, model_dir, original, torch_layout
 from ast_jax.convert.merge import merge_timm_state
-from ast_jax.models.ast import patch_grid
+from ast_jax.audio.patches import patch_grid, patch_of, strides_of
+from ast_jax.models.family import family_of
 
 log = logging.getLogger(__name__)
 KINDS = ("imagenet", "original", "hf", "ast_jax", "aum")
 
 
 def _grid(model: Mapping[str, Any], mel_bins: int, frames: int) -> tuple[int, int]:
-  return patch_grid(mel_bins, frames, model["patch_size"], model["fstride"], model["tstride"])
+  return patch_grid(mel_bins, frames, patch_of(model), strides_of(model))
 
 
 def initial_params(init_from: str, template: Mapping[str, Any], config: Any) -> dict[str, Any]:
@@ -23,10 +24,14 @@ def initial_params(init_from: str, template: Mapping[str, Any], config: Any) -> 
   kind, _, path = init_from.partition(":")
   if kind not in KINDS or not path:
     raise ValueError(f"config.init_from={init_from!r}: expected 'KIND:PATH' with KIND one of {KINDS}")
+  family = family_of(config)
+  if kind not in family.weight_formats:
+    raise ValueError(f"config.init_from={init_from!r}: a {family.name!r} model reads weights from "
+                     f"{', '.join(family.weight_formats)}, not {kind!r}")
   mel_bins, frames = config.audio.num_mel_bins, config.audio.target_length
   target_grid = _grid(config.model, mel_bins, frames)
-  if config.model.get("name", "ast") == "aum" or kind == "aum":
-    params, report = _aum_initial_params(kind, path, template, config, target_grid)
+  if "aum" in family.weight_formats:  # the family's own layout is upstream AuM's state dict
+    params, report = _aum_initial_params(kind, path, template, target_grid, family)
     log.info("init from %s: %s", init_from, report.summary())
     return params
   if kind == "imagenet":
@@ -50,19 +55,15 @@ def initial_params(init_from: str, template: Mapping[str, Any], config: Any) -> 
   return params
 
 
-def _aum_initial_params(kind: str, path: str, template: Mapping[str, Any], config: Any,
-                        grid: tuple[int, int]) -> tuple[dict[str, Any], Any]:
+def _aum_initial_params(kind: str, path: str, template: Mapping[str, Any], grid: tuple[int, int],
+                        family: Any) -> tuple[dict[str, Any], Any]:
   """Audio Mamba from an upstream AuM `.pth` ('aum:PATH') or an ast_jax AuM model directory ('ast_jax:DIR')."""
   from ast_jax.convert.aum import from_upstream, load_upstream, to_upstream
 
-  if config.model.get("name", "ast") != "aum" or kind not in ("aum", "ast_jax"):
-    raise ValueError(f"config.init_from={kind}:{path} does not fit model.name={config.model.get('name', 'ast')!r}: "
-                     "an Audio Mamba model (model.name='aum') starts from 'aum:PATH' (upstream .pth) or "
-                     "'ast_jax:DIR' (an AuM model directory), and only it from 'aum:PATH'")
   if kind == "aum":
     return load_upstream(path, template, grid)
   source = model_dir.load_model_dir(path)
-  if source.config.model.get("name", "ast") != "aum":
-    raise ValueError(f"config.init_from=ast_jax:{path} holds a {source.config.model.get('name', 'ast')!r} model, "
-                     "not Audio Mamba")
+  if family_of(source.config) is not family:
+    raise ValueError(f"config.init_from=ast_jax:{path} holds a {family_of(source.config).name!r} model, "
+                     f"not a {family.name!r} one")
   return from_upstream(to_upstream(source.params), template, grid)

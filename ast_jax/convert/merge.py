@@ -36,10 +36,10 @@ def merge_timm_state(state: Mapping[str, np.ndarray], template: Mapping[str, Any
                      ignore: tuple[str, ...] = ()) -> tuple[dict[str, Any], LoadReport]:
   """Fills `template` (freshly initialised AST params) from `state` (timm names, see torch_layout).
 
-  The positional embedding is cut or interpolated from `source_grid` to `target_grid` as upstream; a head of
+  The positional embedding is cut or interpolated from `source_grid` to `target_grid` (rule 'upstream'); a head of
   another class count stays fresh; names in `ignore` (e.g. DeiT's ImageNet heads) are reported unused.
   """
-  from ast_jax.convert.posembed import adapt_pos_embed
+  from ast_jax.models.positions import resize_table
 
   target = torch_layout.params_to_timm(template)
   report = LoadReport()
@@ -55,7 +55,7 @@ def merge_timm_state(state: Mapping[str, np.ndarray], template: Mapping[str, Any
       continue
     value = np.asarray(state[name], np.float32)
     if name == "pos_embed" and value.shape != fresh.shape:
-      value = adapt_pos_embed(value, source_grid, target_grid)
+      value = resize_table(value, source_grid, target_grid, rule="upstream")
       report.adapted.append(f"pos_embed {source_grid} -> {target_grid}")
     if value.shape != fresh.shape:
       if name in HEAD_NAMES:
@@ -73,4 +73,4 @@ def merge_timm_state(state: Mapping[str, np.ndarray], template: Mapping[str, Any
   unexpected = [name for name in report.unused if not name.startswith(ignore) and name not in HEAD_NAMES]
   if unexpected:
     log.warning("checkpoint tensors not used by the model: %s", unexpected)
-  return torch_layout.timm_to_params(merged, torch_layout.depth_of(template)), report
+  return torch_layout.timm_to_params(merged, torch_layout.depth_of(template), torch_layout.heads_of(template)), report

@@ -104,8 +104,22 @@ def load_model_dir(path: str) -> ModelBundle:
     raise ValueError(f"{metadata_path}: unsupported format {metadata.get('format')!r} version "
                      f"{metadata.get('version')!r}")
   config = bundle_config(metadata["model"], metadata["audio"], metadata["num_classes"], metadata.get("loss", "bce"))
-  params = unflatten(load_file(os.path.join(path, WEIGHTS)))
+  params = per_head_attention(unflatten(load_file(os.path.join(path, WEIGHTS))), config.model)
   return ModelBundle(params, config, list(metadata["label_names"]), list(metadata.get("label_ids", [])))
+
+
+def per_head_attention(params: dict[str, Any], model: Mapping[str, Any]) -> dict[str, Any]:
+  """Unscanned params as written by any version: attention kernels stored fused (`qkv` kernel [D, 3D], `proj`
+  kernel [D, D], before they were split per head) are split into today's layout here, the one place files are read.
+  `model` (config.model) gives the head count."""
+  from ast_jax.convert.torch_layout import has_fused_attention, split_attention_heads
+
+  if not has_fused_attention(params):
+    return params
+  from ast_jax.models.vit import VARIANTS
+
+  num_heads = model.get("num_heads") or VARIANTS[model.get("variant") or "base"][2]
+  return split_attention_heads(params, num_heads)
 
 
 def load_training_checkpoint(workdir: str) -> ModelBundle:
@@ -126,7 +140,7 @@ def load_training_checkpoint(workdir: str) -> ModelBundle:
 
   bundle = bundle_config({**config["model"], "scan_layers": False}, config["audio"], config["num_classes"],
                          config["train"]["loss"])
-  params = unscan_layers(jax.tree.map(np.asarray, state["params"]))
+  params = per_head_attention(unscan_layers(jax.tree.map(np.asarray, state["params"])), bundle.model)
   return ModelBundle(params, bundle, list(meta["label_names"]))
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ast_jax.convert import torch_layout
 from ast_jax.convert.merge import LoadReport, merge_timm_state
-from ast_jax.models.ast import patch_grid
+from ast_jax.audio.patches import patch_grid, patch_of, strides_of
 
 DEIT_HEAD_CLASSES = 1000
 
@@ -60,8 +60,7 @@ def load_original(path: str, template: Mapping[str, Any], model_config: Mapping[
   from ast_jax.convert.imagenet import read_state_dict
 
   state = timm_names_of_original(read_state_dict(path))
-  target_grid = patch_grid(mel_bins, frames, model_config["patch_size"], model_config["fstride"],
-                           model_config["tstride"])
+  target_grid = patch_grid(mel_bins, frames, patch_of(model_config), strides_of(model_config))
   num_tokens = state["pos_embed"].shape[1] - 2
   same_grid = num_tokens == target_grid[0] * target_grid[1] and not re.search(r"_\d+_\d+_[\d.]+\.pth$", path)
   source_grid = target_grid if same_grid else checkpoint_grid(path, num_tokens, mel_bins, model_config["patch_size"])

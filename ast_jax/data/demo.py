@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 if TYPE_CHECKING:
-  from ast_jax.data.sources import Sources
+  from ast_jax.data.examples import Sources
 
 DEMO_CLASSES = (
     "low_tone", "high_tone", "up_chirp", "down_chirp", "noise_burst", "click_train", "am_tone", "harmonic_stack",
@@ -37,7 +37,7 @@ def is_demo_key(key: str) -> bool:
 
 def demo_sources(seed: int, num_train: int, num_eval: int) -> Sources:
   """`Sources` with `num_train` / `num_eval` clips, labels round-robin over `DEMO_CLASSES`."""
-  from ast_jax.data.sources import Example, Sources
+  from ast_jax.data.examples import Example, Sources
 
   def split(name: str, size: int) -> tuple[Example, ...]:
     return tuple(Example(demo_key(seed, name, i), (i % len(DEMO_CLASSES),)) for i in range(size))

@@ -1,6 +1,11 @@
-"""The trainer's view of its input, one object per input kind: fixed-length batches (AST) or packed rows of clips
-of any length (ElasticAST, `config.model.name = 'elastic'`). Both give the steps per epoch, the endless
-training iterator and evaluation passes, optionally at another length cap or frame-shift resolution q.
+"""The trainer's view of its input: batches of the one contract (`data/batch.py`), planned one of two ways.
+
+- `FixedInput`: whole-clip rows, every clip padded or cut to `audio.target_length` (AST, AuM);
+- `PackedInput`: rows of `packing.row_tokens` tokens packed with whole clips of any length (families whose
+  `packed_input` is set: ElasticAST).
+
+Both give the steps per epoch, the endless training iterator and evaluation passes, optionally at another length
+cap or frame-shift resolution q.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from typing import Iterable
 import ml_collections
 import numpy as np
 
-from ast_jax.data import packed, pipeline
+from ast_jax.audio.patches import patch_of
+from ast_jax.data import packed_batches, pipeline
 from ast_jax.data.reader import WaveformReader
 from ast_jax.data.sampling import EpochSampler, balanced_weights
 from ast_jax.data.sources import DataError, Sources
@@ -20,21 +26,17 @@ from ast_jax.data.sources import DataError, Sources
 log = logging.getLogger(__name__)
 
 
-def is_packed(config: ml_collections.ConfigDict) -> bool:
-  return config.model.get("name", "ast") == "elastic"
-
-
 def packing_spec(config: ml_collections.ConfigDict, *, train: bool = True, length: int | None = None,
-                 resolution: float | None = None) -> packed.PackingSpec:
+                 resolution: float | None = None) -> packed_batches.PackingSpec:
   """The `PackingSpec` of `config.packing` (with the audio front end and patch size), for training or for
   evaluation (eval rows, one resolution: `resolution` or the first of `packing.resolutions`; `length` caps clips
   at that many frames instead of `packing.max_frames`)."""
   packing, audio = config.packing, config.audio
   rows = packing.rows if train else packing.eval_rows or packing.rows
   resolutions = tuple(float(q) for q in packing.resolutions)
-  return packed.PackingSpec(
-      rows=rows, row_tokens=packing.row_tokens, max_clips=packing.max_clips, patch=config.model.patch_size,
-      patch_time=config.model.get("patch_time", 0),
+  return packed_batches.PackingSpec(
+      rows=rows, row_tokens=packing.row_tokens, max_clips=packing.max_clips, patch=patch_of(config.model)[0],
+      patch_time=patch_of(config.model)[1],
       mel_bins=audio.num_mel_bins, max_frames=length or packing.max_frames, sample_rate=audio.sample_rate,
       frame_length=audio.frame_length, frame_shift=audio.frame_shift, method=packing.method,
       drop_rate=packing.drop_rate if train else 0.0,
@@ -76,15 +78,16 @@ class PackedInput:
       raise DataError(f"config.num_classes is {config.num_classes} but the data set has "
                       f"{len(sources.label_names)} labels")
     self.spec = packing_spec(config)
-    self.train_lengths = packed.clip_lengths(sources.train, self.spec.sample_rate)
-    self.eval_lengths = packed.clip_lengths(sources.eval, self.spec.sample_rate)
+    self.train_lengths = packed_batches.clip_lengths(sources.train, self.spec.sample_rate)
+    self.eval_lengths = packed_batches.clip_lengths(sources.eval, self.spec.sample_rate)
     label_sets = [example.labels for example in sources.train]
     weights = balanced_weights(label_sets, config.num_classes) if config.data.balanced_sampling else None
-    self.plans = packed.PackedPlans(self.train_lengths, EpochSampler(len(sources.train), config.seed, weights),
+    self.plans = packed_batches.PackedPlans(self.train_lengths, EpochSampler(len(sources.train), config.seed, weights),
                                     self.spec, seed=config.seed)
     self.steps_per_epoch = len(self.plans.epoch(0).batches)
     self.examples_per_step = len(sources.train) / self.steps_per_epoch
     self.train_reader, self.eval_reader = self._reader(sources.train), self._reader(sources.eval)
+    self.eval_plans: dict[packed_batches.PackingSpec, packed_batches.PackedPlans] = {}  # by evaluation spec: (length cap, q)
     packing_efficiency, padded_efficiency = self.plans.efficiency(0)
     self.efficiency = {"packing_efficiency": packing_efficiency, "padded_efficiency": padded_efficiency}
     log.info("packing: %d clips in %d batches of %d x %d tokens; %.1f %% of tokens are real (padding every clip "
@@ -96,7 +99,7 @@ class PackedInput:
                           skip_bad=self.config.data.on_bad_audio == "skip")
 
   def train_iterator(self, seed: int, shard_index: int = 0, shard_count: int = 1):
-    return packed.packed_train_iterator(
+    return packed_batches.packed_train_iterator(
         self.plans, self.train_reader, [e.labels for e in self.sources.train],
         self.config.num_classes, seed=seed, shard_index=shard_index, shard_count=shard_count,
         read_threads=_threads(), prefetch=max(2, self.config.data.prefetch_buffer_size))
@@ -106,14 +109,17 @@ class PackedInput:
     """Every evaluation clip once, capped at `length` frames (default `packing.max_frames`) and framed at
     resolution q (default the first of `packing.resolutions`)."""
     spec = packing_spec(self.config, train=False, length=length, resolution=resolution)
-    plans = packed.PackedPlans(self.eval_lengths, None, spec)
-    return packed.packed_eval_batches(plans, self.eval_reader, [e.labels for e in self.sources.eval],
+    if spec not in self.eval_plans:  # planned once per length cap and resolution, reused by every pass
+      self.eval_plans[spec] = packed_batches.PackedPlans(self.eval_lengths, None, spec)
+    plans = self.eval_plans[spec]
+    return packed_batches.packed_eval_batches(plans, self.eval_reader, [e.labels for e in self.sources.eval],
                                       self.config.num_classes, shard_index=shard_index, shard_count=shard_count,
                                       read_threads=_threads(), prefetch=max(2, self.config.data.prefetch_buffer_size))
 
 
-def build_input(config: ml_collections.ConfigDict, sources: Sources) -> FixedInput | PackedInput:
-  return PackedInput(config, sources) if is_packed(config) else FixedInput(config, sources)
+def build_input(config: ml_collections.ConfigDict, sources: Sources, *, packed: bool) -> FixedInput | PackedInput:
+  """Packed rows when the model family trains on them (`Family.packed_input`), else whole-clip rows."""
+  return PackedInput(config, sources) if packed else FixedInput(config, sources)
 
 
 def _threads() -> int:

@@ -1,8 +1,9 @@
 """Grain input pipelines: an endless, checkpointable training stream and a finite, ordered evaluation pass.
 
-Batches are dicts of numpy arrays (see `ast_jax.data.reader`): `waveform` float32 `[batch, clip_samples]`,
-`num_samples` int32 `[batch]`, `label` float32 `[batch, num_classes]`, `mask` float32 `[batch]`,
-`index` int32 `[batch]`. The log-mel front end and spectrogram augmentation run later, inside the jitted step.
+Batches are whole-clip rows of the batch contract (`ast_jax/data/batch.py`): `waveform` float32 `[rows, 1,
+clip_samples]`, `num_samples` int32 `[rows, 1]`, `label` float32 `[rows, 1, num_classes]`, `clip_mask` float32
+`[rows, 1]`, `index` int32 `[rows, 1]`. The log-mel front end and spectrogram augmentation run later, inside the
+jitted step.
 
 The training stream is a sequence of global positions 0, 1, 2, ...: position p belongs to epoch
 p // len(train) and holds the example `EpochSampler` puts there. Global batch k is positions
@@ -82,7 +83,7 @@ def eval_iterator(
   """Every evaluation example once, in order, without augmentation; iterate it again for every evaluation.
 
   Global batch size `config.data.eval_batch_size` (or `batch_size`), `// shard_count` per host; host h reads the
-  h-th block of each global batch. The last batch is padded (mask 0, index -1) so every host yields the same count.
+  h-th block of each global batch. The last batch is padded (clip_mask 0, index -1) so every host yields the same count.
   """
   _check_labels(config, source)
   global_batch = config.data.eval_batch_size or config.data.batch_size

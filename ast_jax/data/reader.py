@@ -1,7 +1,8 @@
 """Turning examples into the pipeline's per-clip records: decode, remove the mean, mix, pad or cut.
 
-A record is a dict of numpy arrays: `waveform` float32 `[clip_samples]`, `num_samples` int32 `[]`,
-`label` float32 `[num_classes]`, `mask` float32 `[]` (0 for padding) and `index` int32 `[]` (-1 for padding).
+A record is one whole-clip row of the batch contract (`ast_jax/data/batch.py`), one clip slot: `waveform` float32
+`[1, clip_samples]`, `num_samples` int32 `[1]`, `label` float32 `[1, num_classes]`, `clip_mask` float32 `[1]` (0 for
+padding) and `index` int32 `[1]` (-1 for padding).
 """
 
 from __future__ import annotations
@@ -86,13 +87,13 @@ def multi_hot(labels: Sequence[int], num_classes: int) -> np.ndarray:
 
 
 def make_record(waveform: np.ndarray, label: np.ndarray, index: int, clip_samples: int, mask: float = 1.0) -> dict:
-  """Pads or cuts `waveform` to `clip_samples` and packs the record."""
+  """Pads or cuts `waveform` to `clip_samples` and packs the record: one row holding one clip slot."""
   return {
-      "waveform": match_length(waveform, clip_samples).astype(np.float32),
-      "num_samples": np.asarray(min(len(waveform), clip_samples), np.int32),
-      "label": label.astype(np.float32),
-      "mask": np.asarray(mask, np.float32),
-      "index": np.asarray(index, np.int32),
+      "waveform": match_length(waveform, clip_samples).astype(np.float32)[None],
+      "num_samples": np.asarray([min(len(waveform), clip_samples)], np.int32),
+      "label": label.astype(np.float32)[None],
+      "clip_mask": np.asarray([mask], np.float32),
+      "index": np.asarray([index], np.int32),
   }
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ast_jax.audio.io import FILE_KINDS, AudioError, path_problem, read_audio, soundfile_format
 from ast_jax.data.demo import is_demo_key
-from ast_jax.data.sources import ENTRY_KINDS, DataError, Example, Problem, Sources
+from ast_jax.data.examples import ENTRY_KINDS, DataError, Example, Problem, Sources
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class BadDataError(AudioError, DataError):
     ValueError.__init__(  # pylint: disable=non-parent-init-called - AudioError's message is per file
         self,
         f"{_entries(len(problems))} ({count_summary(problems)}):\n{lines}\n"
-        "Fix or remove them (python -m ast_jax.data.validate --config=... lists them all), or set "
+        "Fix or remove them (python -m ast_jax.validate --config=... lists them all), or set "
         "config.data.on_bad_audio='skip' to train without them.",
     )
     self.problems = list(problems)
@@ -222,7 +222,7 @@ def apply_policy(sources: Sources, file_problems: Sequence[Problem], on_bad_audi
     return sources
   if on_bad_audio == "error":
     raise BadDataError(problems)
-  logger.warning("Skipping %s: %s (python -m ast_jax.data.validate lists them)", _entries(len(problems)),
+  logger.warning("Skipping %s: %s (python -m ast_jax.validate lists them)", _entries(len(problems)),
                  count_summary(problems))
   bad = {problem.path for problem in file_problems}
 

@@ -12,54 +12,13 @@ import dataclasses
 import json
 import os
 import re
-from typing import NamedTuple
 
 import ml_collections
 
+from ast_jax.data.examples import ENTRY_KINDS, DataError, Example, Problem, Sources  # noqa: F401 (also read from here)
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif", ".m4a")
-# The stable short names of what can be wrong with a data set entry (the audio files' own: io.FILE_KINDS).
-ENTRY_KINDS = ("no audio path", "no labels", "unknown label", "duplicate entry")
-
-
-class DataError(ValueError):
-  """A data set on disk that does not match its format (missing list, unknown source, bad file name, ...)."""
-
-
-class Example(NamedTuple):
-  """One clip: where its audio is and which classes it carries (multi-label)."""
-  audio: str
-  labels: tuple[int, ...]
-
-
-class Problem(NamedTuple):
-  """Something wrong with one entry or audio file of a split.
-
-  `kind` is a stable short name (ENTRY_KINDS, `ast_jax.audio.io.FILE_KINDS`), `detail` says what exactly; `path`
-  is the audio file, or '<datafile> entry <n>' for an entry without one.
-  """
-  split: str  # "train" | "eval"
-  path: str
-  kind: str
-  detail: str
-
-  def __str__(self) -> str:
-    return f"{self.split}  {self.path}: {self.kind}: {self.detail}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Sources:
-  """The training and evaluation examples of a data set and its label names (index = class id).
-
-  `problems` lists the entries that are not among the examples (bad entries, duplicates, and in
-  `on_bad_audio='skip'` mode the bad audio files). `skipped_files` counts the entries dropped in skip mode and
-  `skipped` counts them per problem kind.
-  """
-  train: tuple[Example, ...]
-  eval: tuple[Example, ...]
-  label_names: tuple[str, ...]
-  skipped_files: int = 0
-  skipped: dict[str, int] = dataclasses.field(default_factory=dict)
-  problems: tuple[Problem, ...] = ()
+SOURCES = ("demo", "folder", "datafile", "esc50", "speechcommands")  # config.data.source
 
 
 def build_sources(config: ml_collections.ConfigDict, *, scan: bool = True) -> Sources:
@@ -69,7 +28,7 @@ def build_sources(config: ml_collections.ConfigDict, *, scan: bool = True) -> So
   `config.data.on_bad_audio='error'` raises one `BadDataError` listing all of them, and 'skip' drops them, so the
   examples equal those of a data set without the bad entries (see `ast_jax.data.scan`).
   """
-  from ast_jax.data.scan import AudioChecks, apply_policy, scan_examples  # scan imports this module
+  from ast_jax.data.scan import AudioChecks, apply_policy, scan_examples
 
   sources = read_sources(config)
   report = scan_examples(sources, mode=config.data.scan if scan else "off", checks=AudioChecks.from_config(config))
@@ -90,7 +49,7 @@ def read_sources(config: ml_collections.ConfigDict) -> Sources:
   }
   name = config.data.source
   if name not in builders:
-    raise DataError(f"unknown data source {name!r}; expected one of {sorted(builders)}")
+    raise DataError(f"unknown data source {name!r}; expected one of {SOURCES}")
   return drop_duplicates(builders[name](config))
 
 

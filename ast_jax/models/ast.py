@@ -1,87 +1,28 @@
 """AST: the Audio Spectrogram Transformer (Gong et al. 2021) in Flax Linen.
 
-spectrogram [batch, frames, mel_bins] -> overlapping 16x16 patches (fstride, tstride), frequency-major tokens ->
+spectrogram [rows, frames, mel_bins] -> overlapping 16x16 patches (fstride, tstride), frequency-major tokens ->
 [cls, dist] prefix + learned positional embedding -> ViT encoder -> pooled (cls + dist) / 2 -> LayerNorm + Linear.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ast_jax.models.flexi import resize_patch_kernel, resize_pos_grid, scaled_strides
-from ast_jax.models.vit import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, Dtype, Encoder, dense, layer_norm,
-                                trunc_normal, with_names)
-
-# DeiT sizes: (width, depth, heads).
-VARIANTS = {
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-}
-
-
-def patch_grid(mel_bins: int, frames: int, patch_size: int, fstride: int, tstride: int,
-               patch_time: int = 0) -> tuple[int, int]:
-  """The (frequency, time) patch grid of a spectrogram: ((F - p) // fs + 1, (T - pt) // ts + 1), where the patch
-  is p x pt (pt = `patch_time`, or p when 0)."""
-  patch_time = patch_time or patch_size
-  if mel_bins < patch_size or frames < patch_time:
-    raise ValueError(f"spectrogram {mel_bins} mel bins x {frames} frames is smaller than one {patch_size}x{patch_time} "
-                     "patch")
-  return (mel_bins - patch_size) // fstride + 1, (frames - patch_time) // tstride + 1
-
-
-class PatchProjection(nn.Module):
-  """The patch conv (`kernel` `[patch_freq, patch_time, 1, width]`, `bias`), as `nn.Conv` computes it; at another
-  patch shape its kernel is PI-resized (FlexiAST, `models/flexi.py`) and each stride scaled with its patch side."""
-
-  width: int
-  shape: tuple[int, int]
-  strides: tuple[int, int]
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, image: jax.Array, patch: tuple[int, int] | None = None) -> jax.Array:
-    kernel = self.param("kernel", with_names(nn.initializers.lecun_normal(), None, None, None, "embed"),
-                        (*self.shape, image.shape[-1], self.width))
-    bias = self.param("bias", with_names(nn.initializers.zeros_init(), "embed"), (self.width,))
-    strides = self.strides
-    if patch is not None and tuple(patch) != tuple(self.shape):
-      kernel, strides = resize_patch_kernel(kernel, tuple(patch)), scaled_strides(self.shape, strides, patch)
-    image, kernel, bias = nn.dtypes.promote_dtype(image, kernel, bias, dtype=self.dtype)
-    out = jax.lax.conv_general_dilated(image, kernel, strides, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return out + bias
-
-
-class PatchEmbed(nn.Module):
-  """Conv patches (overlapping when the strides are smaller than the patch) on the [batch, mel_bins (height),
-  frames (width), 1] image; frequency-major tokens. `patch` (frequency, time) runs patches of that shape with the
-  PI-resized kernel instead, the strides scaled with the patch (`models/flexi.py:scaled_strides`)."""
-
-  width: int
-  patch_size: int = 16
-  fstride: int = 10
-  tstride: int = 10
-  dtype: Dtype = jnp.float32
-  patch_time: int = 0  # > 0: rectangular patches of patch_size bins x patch_time frames
-
-  @nn.compact
-  def __call__(self, spectrogram: jax.Array, patch: tuple[int, int] | None = None) -> jax.Array:
-    """spectrogram `[batch, frames, mel_bins]` -> tokens `[batch, f * t, width]` (index = f_index * t + t_index)."""
-    image = jnp.swapaxes(spectrogram, 1, 2)[..., None]
-    patches = PatchProjection(self.width, (self.patch_size, self.patch_time or self.patch_size),
-                              (self.fstride, self.tstride), self.dtype, name="proj")(image, patch)
-    batch, freq, time, width = patches.shape
-    return patches.reshape(batch, freq * time, width)
+from ast_jax.audio.patches import patch_grid, patch_of, scaled_strides, stored_patch, strides_of
+from ast_jax.models import flops as flops_lib
+from ast_jax.models.family import FLEXI_PATCH, TIME_COMPRESSION, Family
+from ast_jax.models.positions import resize_table
+from ast_jax.models.heads import ClassifierHead
+from ast_jax.models.tokens import PatchEmbed, TokenLayout, whole_clip_rows
+from ast_jax.models.vit import Dtype, Encoder, trunc_normal, vit_kwargs, with_names
 
 
 class AST(nn.Module):
-  """Audio Spectrogram Transformer. `__call__` returns (logits `[batch, classes]`, intermediates)."""
+  """Audio Spectrogram Transformer. `__call__` returns (logits `[rows, classes]`, intermediates)."""
 
   num_classes: int
   width: int = 768
@@ -102,22 +43,23 @@ class AST(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, spectrogram: jax.Array, *, train: bool = False, patch: tuple[int, int] | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`patch` (frequency, time), static: run at another patch shape (FlexiAST): patches of that shape, the patch
+  def __call__(self, spectrogram: jax.Array, layout: TokenLayout | None = None, *, train: bool = False,
+               patch: tuple[int, int] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """spectrogram: whole-clip rows `[rows, frames, mel_bins]` (AST takes no packed layout).
+
+    `patch` (frequency, time), static: run at another patch shape (FlexiAST): patches of that shape, the patch
     kernel PI-resized to it, each stride scaled with its patch side (non-overlapping patches stay non-overlapping;
     an overlapping model keeps its overlap ratio and needs whole scaled strides), and the positional grid resized
     (bilinear, antialias) to the new grid."""
-    batch, frames, mel_bins = spectrogram.shape
-    own = (self.patch_size, self.patch_time or self.patch_size)
+    batch, frames, mel_bins = whole_clip_rows(spectrogram, layout, "AST").shape
+    own, strides = stored_patch(self.patch_size, self.patch_time), (self.fstride, self.tstride)
     patch = None if patch is None or tuple(patch) == own else tuple(int(size) for size in patch)
-    freq, time = patch_grid(mel_bins, frames, self.patch_size, self.fstride, self.tstride, self.patch_time)
+    freq, time = patch_grid(mel_bins, frames, own, strides)
     if patch is not None:
       base_grid = (freq, time)
-      freq, time = patch_grid(mel_bins, frames, patch[0], *scaled_strides(own, (self.fstride, self.tstride), patch),
-                              patch[1])
-    tokens = PatchEmbed(self.width, self.patch_size, self.fstride, self.tstride, self.dtype, self.patch_time,
-                        name="patch_embed")(spectrogram.astype(self.dtype), patch)
+      freq, time = patch_grid(mel_bins, frames, patch, scaled_strides(own, strides, patch))
+    tokens = PatchEmbed(self.width, own, strides, self.dtype, name="patch_embed")(spectrogram.astype(self.dtype),
+                                                                                 patch)
     cls_token = self.param("cls_token", with_names(trunc_normal, None, None, "embed"), (1, 1, self.width))
     dist_token = self.param("dist_token", with_names(trunc_normal, None, None, "embed"), (1, 1, self.width))
     prefix = jnp.concatenate([cls_token, dist_token], axis=1).astype(self.dtype)
@@ -128,7 +70,7 @@ class AST(nn.Module):
     else:  # the table is stored on the model's own grid
       pos_embed = self.param("pos_embed", with_names(trunc_normal, None, None, "embed"),
                              (1, base_grid[0] * base_grid[1] + 2, self.width))
-      pos_embed = resize_pos_grid(pos_embed, base_grid, (freq, time))
+      pos_embed = resize_table(pos_embed, base_grid, (freq, time), rule="antialias")
     tokens = tokens + pos_embed.astype(self.dtype)
     tokens = nn.Dropout(self.dropout)(tokens, deterministic=not train)
     tokens = Encoder(self.depth, self.num_heads, self.mlp_ratio * self.width, self.dropout, self.attention_dropout,
@@ -139,48 +81,32 @@ class AST(nn.Module):
     return logits, {"embedding": pooled.astype(jnp.float32), "tokens": tokens}
 
 
-class ClassifierHead(nn.Module):
-  """LayerNorm + Linear on the pooled embedding; outputs raw logits in float32."""
+def flops(config: Any) -> dict[str, float]:
+  """AST's analytic FLOPs (models/flops.py): tokens = patches + the 2 prefix tokens; a 'patch' phase counts the
+  stored kernel at its run shape, FlexiAST training the expectation over the drawn shapes."""
+  from ast_jax.audio.features import FrontEnd
 
-  num_classes: int
-  layer_norm_eps: float = 1e-5
-  dtype: Dtype = jnp.float32
+  kwargs = vit_kwargs(config.model, AST)
+  width, depth = kwargs["width"], kwargs["depth"]
+  patch, strides = patch_of(config.model), strides_of(config.model)
+  if config.model.get("run_patch"):  # the stored kernel run at another shape (a 'patch' training phase)
+    run_patch = tuple(config.model.run_patch)
+    patch, strides = run_patch, scaled_strides(patch, strides, run_patch)
+  frames = FrontEnd.from_config(config.audio).frames  # pooled along time in a coarse phase
+  freq, time = patch_grid(config.audio.num_mel_bins, frames, patch, strides)
+  shape = dict(width=width, depth=depth, mlp_dim=kwargs.get("mlp_ratio", 4) * width, num_tokens=freq * time + 2,
+               patch_size=patch, num_patches=freq * time, num_classes=config.num_classes)
+  train_flops = None
+  if config.model.get("flexi_patch_sizes"):
+    shape["num_tokens"], train_flops = flops_lib.flexi_mean(config, shape, patch)
+  return flops_lib.summary(shape, freq=freq, time=time, batch=config.data.batch_size, train_flops=train_flops)
 
-  @nn.compact
-  def __call__(self, pooled: jax.Array) -> jax.Array:
-    normed = layer_norm(self.layer_norm_eps, self.dtype, "norm")(pooled)
-    logits = dense(self.num_classes, "embed", "classes", self.dtype, "dense")(normed)
-    return logits.astype(jnp.float32)
 
-
-def model_kwargs(model_config: Mapping[str, Any], module: type = AST) -> dict[str, Any]:
-  """Resolves a `config.model` (variant name or explicit width/depth/num_heads) into `module`'s constructor
-  kwargs (AST's, or another ViT-backbone model's: the fields it shares with `config.model`)."""
-  variant = model_config.get("variant", "base")
-  if variant and variant not in VARIANTS:
-    raise ValueError(f"unknown AST variant {variant!r}; choose one of {sorted(VARIANTS)} or set width/depth/num_heads")
-  width, depth, num_heads = VARIANTS[variant] if variant else (0, 0, 0)
-  width = model_config.get("width") or width
-  depth = model_config.get("depth") or depth
-  num_heads = model_config.get("num_heads") or num_heads
-  if not (width and depth and num_heads):
-    raise ValueError("config.model needs a variant or all of width, depth and num_heads")
-  if width % num_heads:
-    raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(model_config.get("dtype", "float32"))
-  if dtype is None:
-    raise ValueError(f"config.model.dtype must be float32 or bfloat16, not {model_config.get('dtype')!r}")
-  remat = model_config.get("remat", "none")
-  remat = {True: "full", False: "none"}.get(remat, remat)  # model directories written before remat policies
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"config.model.remat must be one of {sorted(REMAT_POLICIES)}, not {remat!r}")
-  attention = model_config.get("attention", "auto")
-  if attention not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"config.model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, not {attention!r}")
-  fields = {f.name for f in dataclasses.fields(module)}
-  extra = {key: model_config[key] for key in ("mlp_ratio", "patch_size", "patch_time", "fstride", "tstride",
-                                               "dropout", "attention_dropout", "layer_norm_eps",
-                                               "head_layer_norm_eps", "scan_layers", "pooling", "positions",
-                                               "scale_logits")
-           if key in model_config and key in fields}
-  return dict(width=width, depth=depth, num_heads=num_heads, dtype=dtype, remat=remat, attention=attention, **extra)
+FAMILY = Family(
+    name="ast",
+    model=AST,
+    kwargs=lambda config: vit_kwargs(config.model, AST),
+    flops=flops,
+    weight_formats=("ast_jax", "hf", "original", "imagenet"),
+    options=frozenset({FLEXI_PATCH, TIME_COMPRESSION}),
+)

@@ -1,4 +1,4 @@
-"""Audio Mamba (AuM; Erol et al. 2024): a bidirectional selective-scan backbone, no attention (REFERENCE.md 5).
+"""Audio Mamba (AuM; Erol et al. 2024): a bidirectional selective-scan backbone, no attention (docs/BACKGROUND.md section 5).
 
 spectrogram [batch, frames, mel_bins] -> 16x16 patches (AST's tokeniser), frequency-major tokens -> a CLS token
 inserted at its position (middle by default) + learned positional embedding (row 0 = the CLS token) -> `depth`
@@ -27,9 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ast_jax.models.ast import PatchEmbed, patch_grid
+from ast_jax.audio.patches import patch_grid, patch_of, stored_patch, strides_of
+from ast_jax.models import flops as flops_lib
+from ast_jax.models.family import Family
+from ast_jax.models.tokens import PatchEmbed, TokenLayout, whole_clip_rows
 from ast_jax.models.ssm import SCAN_METHODS, selective_scan
-from ast_jax.models.vit import REMAT_POLICIES, Dtype, constrain, trunc_normal, with_names
+from ast_jax.models.stack import stack_blocks
+from ast_jax.models.vit import DTYPES, Dtype, constrain, trunc_normal, with_names
 
 # Width per size; every size has 24 layers, d_inner = 2 * width, d_state = 16, conv kernel 4.
 VARIANTS = {"tiny": 192, "small": 384, "base": 768}
@@ -225,20 +229,12 @@ class AuMEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    block_cls = AuMBlock
-    if self.remat != "none":
-      block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+    """tokens `[batch, length, width]` -> `[batch, length, width]` (float32)."""
     # The first block's residual is its input: residual 0 + hidden x = x exactly, so every block is the same.
     carry = (tokens, jnp.zeros(tokens.shape, jnp.float32))
-    if self.scan_layers:
-      blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth,
-                       metadata_params={nn.PARTITION_NAME: "layers"})(self.mixer, self.norm_eps, self.dtype,
-                                                                      name="blocks")
-      carry, _ = blocks(carry)
-    else:
-      for index in range(self.depth):
-        carry, _ = block_cls(self.mixer, self.norm_eps, self.dtype, name=f"blocks_{index}")(carry)
-    hidden, residual = carry
+    fields = dict(mixer=self.mixer, norm_eps=self.norm_eps, dtype=self.dtype)
+    hidden, residual = stack_blocks(AuMBlock, fields, carry, depth=self.depth, scan_layers=self.scan_layers,
+                                    remat=self.remat)
     return RMSNorm(self.norm_eps, jnp.float32, name="norm_f")(residual + hidden.astype(jnp.float32))
 
 
@@ -267,18 +263,19 @@ class AuM(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, spectrogram: jax.Array, *, train: bool = False, patch: tuple[int, int] | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """spectrogram `[batch, frames, mel_bins]`. `patch` is AST's FlexiAST switch; AuM runs at its own patch shape."""
+  def __call__(self, spectrogram: jax.Array, layout: TokenLayout | None = None, *, train: bool = False,
+               patch: tuple[int, int] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """spectrogram: whole-clip rows `[rows, frames, mel_bins]` (no packed layout). AuM runs at its own patch shape
+    (`patch` must be None or that shape)."""
     if self.cls_position not in CLS_POSITIONS:
       raise ValueError(f"cls_position={self.cls_position!r} is not one of {CLS_POSITIONS}")
-    own = (self.patch_size, self.patch_time or self.patch_size)
+    own = stored_patch(self.patch_size, self.patch_time)
     if patch is not None and tuple(patch) != own:
-      raise ValueError(f"AuM runs at its own {own} patches, not {tuple(patch)} (FlexiAST applies to model.name='ast')")
-    batch, frames, mel_bins = spectrogram.shape
-    grid = patch_grid(mel_bins, frames, self.patch_size, self.fstride, self.tstride, self.patch_time)
-    tokens = PatchEmbed(self.width, self.patch_size, self.fstride, self.tstride, self.dtype, self.patch_time,
-                        name="patch_embed")(spectrogram.astype(self.dtype))
+      raise ValueError(f"AuM runs at its own {own} patches, not {tuple(patch)}")
+    batch, frames, mel_bins = whole_clip_rows(spectrogram, layout, "AuM").shape
+    strides = (self.fstride, self.tstride)
+    grid = patch_grid(mel_bins, frames, own, strides)
+    tokens = PatchEmbed(self.width, own, strides, self.dtype, name="patch_embed")(spectrogram.astype(self.dtype))
     positions = cls_positions(tokens.shape[1], self.cls_position)
     names = ("cls_token_head", "cls_token_tail") if self.cls_position == "head_tail" else ("cls_token",)
     prefix = [self.param(name, with_names(trunc_normal, None, None, "embed"), (1, 1, self.width))
@@ -311,9 +308,59 @@ def aum_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
   depth = model_config.get("depth") or DEPTH
   if not width:
     raise ValueError("config.model needs an AuM variant or a width")
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(model_config.get("dtype", "float32"))
+  dtype = DTYPES.get(model_config.get("dtype", "float32"))
   if dtype is None:
-    raise ValueError(f"config.model.dtype must be float32 or bfloat16, not {model_config.get('dtype')!r}")
+    raise ValueError(f"config.model.dtype must be one of {tuple(DTYPES)}, not {model_config.get('dtype')!r}")
   fields = {f.name for f in dataclasses.fields(AuM)} - {"num_classes", "width", "depth", "dtype", "parent", "name"}
   extra = {key: model_config[key] for key in fields if key in model_config}
   return dict(width=width, depth=depth, dtype=dtype, **extra)
+
+
+def flops(config: Any) -> dict[str, float]:
+  """AuM's analytic FLOPs (models/flops.py): tokens = patches + CLS tokens; no MLP."""
+  from ast_jax.audio.features import FrontEnd
+
+  kwargs = aum_kwargs(config.model)
+  patch, strides = patch_of(config.model), strides_of(config.model)
+  frames = FrontEnd.from_config(config.audio).frames
+  freq, time = patch_grid(config.audio.num_mel_bins, frames, patch, strides)
+  num_patches = freq * time
+  tokens = num_patches + len(cls_positions(num_patches, kwargs.get("cls_position", "middle")))
+  shape = dict(width=kwargs["width"], depth=kwargs["depth"], num_tokens=tokens, patch_size=patch,
+               num_patches=num_patches, num_classes=config.num_classes)
+  parts = flops_lib.aum_forward_flops_breakdown(
+      **shape, **{key: kwargs[key] for key in ("bidirectional", "d_state", "d_conv", "expand", "dt_rank")
+                  if key in kwargs})
+  return flops_lib.summary(shape, freq=freq, time=time, batch=config.data.batch_size, forward=sum(parts.values()))
+
+
+def config_problems(config: Any) -> list[str]:
+  """Audio Mamba's switches, its size, and a patch grid that fits the input."""
+  model, problems = config.model, []
+  for field, choices in (("bidirectional", BIDIRECTIONAL), ("cls_position", CLS_POSITIONS), ("scan", SCANS)):
+    if model.get(field) not in choices:
+      problems.append(f"model.{field}={model.get(field)!r} is not one of {choices}: build the config with "
+                      "configs.common.aum(config)")
+  if model.variant and model.variant not in VARIANTS:
+    problems.append(f"model.variant={model.variant!r} is not an AuM size {tuple(VARIANTS)} (or '' with model.width)")
+  elif not (model.variant or model.width > 0):
+    problems.append("model.width must be positive when model.variant is ''")
+  for field in ("d_state", "d_conv", "expand", "scan_chunk"):
+    if not (isinstance(model.get(field), int) and model.get(field) > 0):
+      problems.append(f"model.{field}={model.get(field)!r} must be a positive int")
+  if not problems:
+    try:
+      flops(config)  # the patch grid
+    except ValueError as error:
+      problems.append(f"model input: {error}")
+  return problems
+
+
+FAMILY = Family(
+    name="aum",
+    model=AuM,
+    kwargs=lambda config: aum_kwargs(config.model),
+    flops=flops,
+    problems=config_problems,
+    weight_formats=("ast_jax", "aum"),
+)

@@ -1,11 +1,11 @@
-"""FlexiAST (REFERENCE.md 3): one stored patch kernel and positional table, used at any patch shape.
+"""FlexiAST (docs/BACKGROUND.md section 3): one stored patch kernel and positional table, used at any patch shape.
 
 PI-resize (FlexiViT): B `[new_h * new_w, old_h * old_w]` is the bilinear resize (no antialias, half-pixel centres) as a
 matrix on row-major flattened patches; a kernel moves to the new shape as W_new = pinv(B^T) @ vec(W_old) per input and
 output channel, bias unchanged. When the new shape is at least the old one in both dims, B has full column rank,
 B^T pinv(B^T) = I and <resize(x), W_new> = <x, W_old> exactly for every old-shape patch x; otherwise W_new is the
 minimum-norm least-squares solution of B^T W_new = W_old. The positional table lives on a base (frequency, time) grid
-and is resized to each patch grid bilinearly with antialias, prefix rows untouched.
+and is resized to each patch grid by `models/positions.py:resize_table` (rule 'antialias').
 
 Layouts as in `models/ast.py`: spectrogram `[batch, frames, mel_bins]` -> image `[batch, mel_bins (H), frames (W), 1]`,
 kernel `[patch_h (frequency), patch_w (time), in, width]`, tokens frequency-major.
@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ast_jax.audio.patches import patch_of
 
 
 def _pair(shape: int | tuple[int, int]) -> tuple[int, int]:
@@ -97,79 +99,21 @@ def resize_patch_kernel(kernel: np.ndarray | jax.Array, new_shape: int | tuple[i
   return resized.reshape(new_h, new_w, channels_in, channels_out).astype(kernel.dtype)
 
 
-def resize_pos_grid(pos_embed: jax.Array, old_grid: tuple[int, int], new_grid: tuple[int, int],
-                    num_prefix: int = 2) -> jax.Array:
-  """`[1, num_prefix + F * T, D]` -> `[1, num_prefix + f * t, D]`: the (frequency, time) grid resized bilinearly with
-  antialias (`jax.image.resize`, computed in at least float32), the prefix rows (cls, dist) unchanged; same dtype.
-
-  `old_grid` and `new_grid` are static under jit.
-  """
-  old_f, old_t = _pair(old_grid)
-  new_f, new_t = _pair(new_grid)
-  if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[1] != num_prefix + old_f * old_t:
-    raise ValueError(f"pos_embed of shape {pos_embed.shape} does not match [1, {num_prefix} + {old_f}*{old_t}, D] "
-                     f"for grid {old_grid} with {num_prefix} prefix rows")
-  if (old_f, old_t) == (new_f, new_t):
-    return pos_embed
-  width = pos_embed.shape[2]
-  compute_dtype = jnp.promote_types(pos_embed.dtype, jnp.float32)
-  grid = pos_embed[0, num_prefix:].reshape(old_f, old_t, width).astype(compute_dtype)
-  grid = jax.image.resize(grid, (new_f, new_t, width), method="bilinear", antialias=True)
-  grid = grid.astype(pos_embed.dtype).reshape(1, new_f * new_t, width)
-  return jnp.concatenate([pos_embed[:, :num_prefix], grid], axis=1)
-
-
-def patch_grid_flexi(mel_bins: int, frames: int, patch: int | tuple[int, int]) -> tuple[int, int]:
-  """The (frequency, time) grid of non-overlapping (patch_h, patch_w) patches: (mel_bins // ph, frames // pw)."""
-  patch_h, patch_w = _pair(patch)
-  if mel_bins < patch_h or frames < patch_w:
-    raise ValueError(f"spectrogram {mel_bins} mel bins x {frames} frames is smaller than one {patch_h}x{patch_w} "
-                     "(frequency x time) patch")
-  return mel_bins // patch_h, frames // patch_w
-
-
-def scaled_strides(own_patch: tuple[int, int], own_strides: tuple[int, int],
-                   patch: tuple[int, int]) -> tuple[int, int]:
-  """The strides of the stored patch conv run at another patch shape: each stride scaled with its patch side, so
-  the overlap ratio is kept (non-overlapping stays non-overlapping: stride = patch). Raises ValueError when a
-  scaled stride is not a whole number of bins or frames."""
-  strides = []
-  for stride, own, new, axis in zip(own_strides, own_patch, patch, ("frequency", "time")):
-    if (stride * new) % own:
-      raise ValueError(f"patch {tuple(patch)} does not scale the {axis} stride {stride} of the stored {own_patch[0]}x"
-                       f"{own_patch[1]} patch to a whole number ({stride} * {new} / {own}); use a size that does, or "
-                       "non-overlapping patches (strides = patch size)")
-    strides.append(stride * new // own)
-  return strides[0], strides[1]
-
-
-def flexi_patch_embed(spectrogram: jax.Array, kernel: jax.Array, bias: jax.Array,
-                      patch: int | tuple[int, int]) -> jax.Array:
-  """spectrogram `[batch, frames, mel_bins]` -> tokens `[batch, freq * time, width]`, frequency-major.
-
-  `kernel` `[kh, kw, 1, width]` is PI-resized to `patch` (frequency, time; static under jit) and applied as a VALID
-  conv with stride = patch; frames and mel bins beyond whole patches are dropped. Computed in the promoted dtype of
-  the spectrogram and kernel.
-  """
-  patch_h, patch_w = _pair(patch)
-  batch, frames, mel_bins = spectrogram.shape
-  freq, time = patch_grid_flexi(mel_bins, frames, (patch_h, patch_w))
-  dtype = jnp.promote_types(spectrogram.dtype, kernel.dtype)
-  image = jnp.swapaxes(spectrogram, 1, 2)[..., None].astype(dtype)
-  weights = jnp.asarray(resize_patch_kernel(kernel, (patch_h, patch_w))).astype(dtype)
-  patches = jax.lax.conv_general_dilated(image, weights, window_strides=(patch_h, patch_w), padding="VALID",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  patches = patches + jnp.asarray(bias).astype(dtype)
-  return patches.reshape(batch, freq * time, weights.shape[-1])
+FLEXI_AXES = ("both", "time")  # config.model.flexi_axes: square p x p patches, or patch_size bins x p frames
 
 
 def flexi_patch_sizes(config: Any) -> tuple[tuple[int, int], ...]:
   """FlexiAST's training patch shapes (frequency, time): `model.flexi_patch_sizes`, square or, with
   `model.flexi_axes='time'`, time-only (frequency fixed at `model.patch_size`). Empty: an ordinary AST."""
-  sizes = tuple(int(size) for size in config.model.get("flexi_patch_sizes", ()))
+  return tuple(flexi_shape(config, int(size)) for size in config.model.get("flexi_patch_sizes", ()))
+
+
+def flexi_shape(config: Any, size: int) -> tuple[int, int]:
+  """A FlexiAST patch size as (frequency, time): square, or with `model.flexi_axes='time'` the stored frequency
+  size by `size` frames."""
   if config.model.get("flexi_axes", "both") == "time":
-    return tuple((config.model.patch_size, size) for size in sizes)
-  return tuple((size, size) for size in sizes)
+    return patch_of(config.model)[0], size
+  return size, size
 
 
 def flexi_patch_probs(config: Any) -> np.ndarray:

@@ -16,7 +16,7 @@ _BLOCK = re.compile(r"blocks_(\d+)$")
 
 
 def is_scanned(params: Mapping[str, Any]) -> bool:
-  return "blocks" in params["encoder"]
+  return "blocks" in params.get("encoder", {})
 
 
 def unscan_layers(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def unscan_layers(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def scan_layers(params: Mapping[str, Any]) -> dict[str, Any]:
   """`encoder/blocks_{i}` -> `encoder/blocks` with leaves stacked on a leading `[depth]` axis (host arrays)."""
-  if is_scanned(params):
+  if is_scanned(params) or "encoder" not in params:  # a model without stacked blocks has one layout
     return dict(params)
   indices = sorted(int(_BLOCK.match(name).group(1)) for name in params["encoder"] if _BLOCK.match(name))
   if indices != list(range(len(indices))):

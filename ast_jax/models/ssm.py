@@ -1,4 +1,4 @@
-"""The selective scan of Mamba (REFERENCE.md 5) in plain JAX: one function, several implementations.
+"""The selective scan of Mamba (docs/BACKGROUND.md section 5.4) in plain JAX: one function, several implementations.
 
 For each channel d and state n, with inputs u, step sizes delta `[batch, length, channels]`, A `[channels, state]`
 (negative), B and C `[batch, length, state]` and the skip D `[channels]`:

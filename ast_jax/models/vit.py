@@ -1,13 +1,14 @@
 """The ViT encoder shared by every transformer variant: pre-LN blocks, attention with an optional mask or segment ids.
 
 Parameter names follow timm's ViT (`qkv`, `proj`, `fc1`, `fc2`, `norm1`, `norm2`) so that weight conversion is a
-rename plus a transpose. Every parameter carries logical axis names and activations are constrained by name
-(`ast_jax/parallel/sharding.py` maps names to mesh axes); outside a mesh the names are inert.
+rename plus a transpose (and, for the attention's per-head kernels, a reshape). Every parameter carries logical axis
+names and activations are constrained by name (`ast_jax/parallel/sharding.py` maps names to mesh axes); outside a
+mesh the names are inert. Blocks are stacked by `ast_jax/models/stack.py`.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -17,15 +18,10 @@ import jax.numpy as jnp
 
 from ast_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from ast_jax.models.attention import attend, attention_weights
+from ast_jax.models.stack import REMAT_POLICIES, stack_blocks
 
 Dtype = Any
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the elementwise work
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
-}
 
 
 def with_names(init: Callable[..., Any], *names: str | None) -> Callable[..., Any]:
@@ -36,6 +32,33 @@ def with_names(init: Callable[..., Any], *names: str | None) -> Callable[..., An
 def dense(features: int, in_name: str | None, out_name: str | None, dtype: Dtype, name: str) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, name=name, kernel_init=with_names(trunc_normal, in_name, out_name),
                   bias_init=with_names(nn.initializers.zeros_init(), out_name))
+
+
+class HeadsDense(nn.Module):
+  """A Dense over the last `in_axes` input axes into `features` axes: kernel `[*in, *features]`, bias `[*features]`,
+  each axis with a logical name (the attention's per-head projections). Initialised as the flat Dense
+  `[prod(in), prod(features)]` it reshapes."""
+
+  features: tuple[int, ...]
+  in_axes: int
+  kernel_names: tuple[str | None, ...]
+  bias_names: tuple[str | None, ...]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    features, in_axes = tuple(self.features), self.in_axes
+
+    def kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+      flat = (math.prod(shape[:in_axes]), math.prod(shape[in_axes:]))
+      return trunc_normal(key, flat, dtype).reshape(shape)
+
+    kernel = self.param("kernel", with_names(kernel_init, *self.kernel_names),
+                        (*inputs.shape[inputs.ndim - in_axes:], *features), jnp.float32)
+    bias = self.param("bias", with_names(nn.initializers.zeros_init(), *self.bias_names), features, jnp.float32)
+    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    contracted = tuple(range(inputs.ndim - in_axes, inputs.ndim))
+    return jax.lax.dot_general(inputs, kernel, ((contracted, tuple(range(in_axes))), ((), ()))) + bias
 
 
 def layer_norm(epsilon: float, dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -74,7 +97,13 @@ def constrain(tokens: jax.Array, *names: str | None) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection (rows ordered q, k, v as timm/upstream)."""
+  """Multi-head self-attention with a fused qkv projection, q, k and v in that order as timm/upstream.
+
+  Parameters are laid out per head, so that tensor parallelism splits heads and never the q/k/v boundary:
+  `qkv/kernel` `[embed, 3, heads, head_dim]`, `qkv/bias` `[3, heads, head_dim]`, `proj/kernel`
+  `[heads, head_dim, embed]`, `proj/bias` `[embed]` (timm's `[3 * embed, embed]` rows are q, k, v, each heads-major:
+  `ast_jax/convert/torch_layout.py` reshapes).
+  """
 
   num_heads: int
   dropout: float = 0.0
@@ -89,10 +118,10 @@ class Attention(nn.Module):
     `[batch, length]` (0 = padding; a token attends to its own segment only)."""
     if self.implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"attention implementation {self.implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
-    batch, length, width = tokens.shape
+    width = tokens.shape[-1]
     head_dim = width // self.num_heads
-    qkv = dense(3 * width, "embed", "qkv", self.dtype, "qkv")(tokens)
-    qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
+    qkv = HeadsDense((3, self.num_heads, head_dim), 1, ("embed", None, "heads", None), (None, "heads", None),
+                     self.dtype, name="qkv")(tokens)
     query, key, value = (constrain(qkv[:, :, i], "batch", "length", "act_heads", None) for i in range(3))
     if self.scale_logits:
       query = query * jnp.asarray(head_dim**-0.5, query.dtype)
@@ -102,8 +131,8 @@ class Attention(nn.Module):
       mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
     else:
       mixed = attend(query, key, value, mask, self.implementation, segment_ids=segment_ids)
-    mixed = constrain(mixed, "batch", "length", "act_heads", None).reshape(batch, length, width)
-    return dense(width, "heads", "embed", self.dtype, "proj")(mixed)
+    mixed = constrain(mixed, "batch", "length", "act_heads", None)
+    return HeadsDense((width,), 2, ("heads", None, "embed"), ("embed",), self.dtype, name="proj")(mixed)
 
 
 class Mlp(nn.Module):
@@ -148,7 +177,7 @@ class Block(nn.Module):
 
 
 class _ScanBlock(Block):
-  """A Block in nn.scan's (carry, input) -> (carry, output) form."""
+  """A Block in the form `stack_blocks` runs (nn.scan's): (tokens, mask, train, segment_ids) -> (tokens, None)."""
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, train: bool = False,
@@ -179,24 +208,51 @@ class Encoder(nn.Module):
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
                train: bool = False) -> jax.Array:
     """tokens `[batch, length, width]`; an optional mask or segment ids `[batch, length]` as `Attention` takes."""
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-    block_cls = _ScanBlock if self.scan_layers else Block
-    if self.remat != "none":
-      # Rematerialisation trades compute for activation memory on long sequences. Blocks take (tokens, mask, train,
-      # segment_ids) by position: static_argnums counts `self`, so 3 is `train`.
-      block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], static_argnums=(3,),
-                           prevent_cse=not self.scan_layers)
-    block = functools.partial(block_cls, self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
-                              self.layer_norm_eps, self.scale_logits, self.attention, self.dtype)
-    if self.scan_layers:
-      scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=self.depth,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-      blocks = scanned(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout, self.layer_norm_eps,
-                       self.scale_logits, self.attention, self.dtype, name="blocks")
-      tokens, _ = blocks(tokens, mask, train, segment_ids)
-    else:
-      for index in range(self.depth):
-        tokens = block(name=f"blocks_{index}")(tokens, mask, train, segment_ids)
+    fields = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
+                  attention_dropout=self.attention_dropout, layer_norm_eps=self.layer_norm_eps,
+                  scale_logits=self.scale_logits, attention=self.attention, dtype=self.dtype)
+    # Blocks take (tokens, mask, train, segment_ids): nn.remat counts `self`, so `train` is static argument 3.
+    tokens = stack_blocks(_ScanBlock, fields, tokens, mask, train, segment_ids, depth=self.depth,
+                          scan_layers=self.scan_layers, remat=self.remat, static_argnums=(3,))
     return layer_norm(self.layer_norm_eps, self.dtype, "norm")(tokens)
+
+
+# DeiT sizes: (width, depth, heads).
+VARIANTS = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# config.model fields a ViT-backbone module takes as they are, when it has the field.
+_PASSED_FIELDS = ("mlp_ratio", "patch_size", "patch_time", "fstride", "tstride", "dropout", "attention_dropout",
+                  "layer_norm_eps", "head_layer_norm_eps", "scan_layers", "pooling", "positions", "scale_logits")
+
+
+def vit_kwargs(model_config: Any, module: type[nn.Module]) -> dict[str, Any]:
+  """Resolves a `config.model` (variant name or explicit width/depth/num_heads) into the constructor kwargs of
+  `module`, a model on this encoder (AST, ElasticAST): the fields it shares with `config.model`."""
+  variant = model_config.get("variant", "base")
+  if variant and variant not in VARIANTS:
+    raise ValueError(f"unknown ViT variant {variant!r}; choose one of {sorted(VARIANTS)} or set width/depth/num_heads")
+  width, depth, num_heads = VARIANTS[variant] if variant else (0, 0, 0)
+  width = model_config.get("width") or width
+  depth = model_config.get("depth") or depth
+  num_heads = model_config.get("num_heads") or num_heads
+  if not (width and depth and num_heads):
+    raise ValueError("config.model needs a variant or all of width, depth and num_heads")
+  if width % num_heads:
+    raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+  dtype = DTYPES.get(model_config.get("dtype", "float32"))
+  if dtype is None:
+    raise ValueError(f"config.model.dtype must be one of {tuple(DTYPES)}, not {model_config.get('dtype')!r}")
+  remat = model_config.get("remat", "none")
+  remat = {True: "full", False: "none"}.get(remat, remat)  # model directories written before remat policies
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat must be one of {sorted(REMAT_POLICIES)}, not {remat!r}")
+  attention = model_config.get("attention", "auto")
+  if attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"config.model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, not {attention!r}")
+  fields = {field.name for field in dataclasses.fields(module)}
+  extra = {key: model_config[key] for key in _PASSED_FIELDS if key in model_config and key in fields}
+  return dict(width=width, depth=depth, num_heads=num_heads, dtype=dtype, remat=remat, attention=attention, **extra)

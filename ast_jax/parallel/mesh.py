@@ -1,8 +1,9 @@
 """The device mesh from the config, and host-local batches placed on it as global arrays.
 
 The mesh has three named axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters and
-optimiser state sharded over it) and `tensor` (heads and MLP columns split). Batches are split over
-`data` x `fsdp`. Which tensor dimension goes to which axis is the rules table in `sharding.py`.
+optimiser state sharded over it) and `tensor` (heads and MLP columns split). Which tensor dimension goes to which
+axis is the rules table (`config.sharding_rules`, see `sharding.py`); batches are split by its `batch` rule
+(`data` x `fsdp` by default).
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from ast_jax.parallel.sharding import Rules, logical_rules
+
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+# The default table's `batch` rule (configs/common.py), for callers that pass no rules.
+DEFAULT_BATCH_RULES = (("batch", ("data", "fsdp")),)
 
 
 def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -53,17 +58,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over data x fsdp; the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+def batch_axes(rules: Rules | None = None) -> tuple[str, ...]:
+  """The mesh axes a batch's leading dimension is split over: the rules' `batch` entry (none: replicated)."""
+  axes = nn.logical_to_mesh_axes(("batch",), logical_rules(DEFAULT_BATCH_RULES if rules is None else rules))[0]
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[name] for name in BATCH_AXES)
+def batch_sharding(mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
+  """Leading (batch) dimension split over the `batch` rule's axes (default: data x fsdp); the rest replicated."""
+  axes = batch_axes(rules)
+  return NamedSharding(mesh, PartitionSpec(axes) if axes else PartitionSpec())
 
 
-def global_batch(mesh: Mesh, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-  """Assembles each process's share of a batch (its contiguous block, in process order) into global arrays."""
-  sharding = batch_sharding(mesh)
+def data_parallel_size(mesh: Mesh, rules: Rules | None = None) -> int:
+  """How many ways a batch is split: the product of the `batch` rule's mesh axis sizes."""
+  return math.prod(mesh.shape[name] for name in batch_axes(rules))
+
+
+def global_batch(mesh: Mesh, host_batch: Mapping[str, np.ndarray], rules: Rules | None = None
+                 ) -> dict[str, jax.Array]:
+  """Assembles each process's share of a batch (its contiguous block, in process order) into global arrays placed
+  by the `batch` rule."""
+  sharding = batch_sharding(mesh, rules)
   return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
           for name, value in host_batch.items()}

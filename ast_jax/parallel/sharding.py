@@ -1,10 +1,13 @@
 """Sharding as data: logical axis names on parameters and activations, one rules table mapping them to mesh axes.
 
 Parameters are created with `nn.with_logical_partitioning` (names such as 'embed', 'mlp', 'heads', 'layers') and
-activations constrained with `nn.with_logical_constraint` ('batch', 'length', 'act_embed', ...). The rules table
-(`config.sharding_rules`) maps each name to a mesh axis or None; changing parallelism is a config edit.
-The default table gives FSDP over `fsdp` ('embed' dimensions of parameters sharded, batch split over data x fsdp)
-and Megatron-style tensor parallelism over `tensor` (heads and MLP columns split).
+activations constrained with `nn.with_logical_constraint` ('batch', 'length', 'act_embed', 'act_heads', 'act_mlp');
+input batches are placed by the 'batch' rule (`mesh.py:batch_sharding`). The rules table (`config.sharding_rules`,
+defaults in configs/common.py) maps each name to a mesh axis, several, or None; a name it does not mention is
+replicated. Changing parallelism is a config edit. The default table gives FSDP over `fsdp` ('embed' dimensions of
+parameters sharded, batch split over data x fsdp) and Megatron-style tensor parallelism over `tensor` (heads and
+MLP columns split; the attention's kernels are laid out per head, `[embed, 3, heads, head_dim]` and
+`[heads, head_dim, embed]`, so a split never falls between q, k and v).
 """
 
 from __future__ import annotations
@@ -19,19 +22,10 @@ from jax.sharding import Mesh, NamedSharding
 
 Rules = Sequence[tuple[str, Any]]
 
-# Names used on activations; they map to the same mesh axes by default but can be tuned separately.
-ACTIVATION_RULES = (
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
-)
-
 
 def logical_rules(config_rules: Rules) -> tuple[tuple[str, Any], ...]:
-  """The config's table plus defaults for activation names it does not mention."""
-  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config_rules)
-  named = {name for name, _ in rules}
-  return rules + tuple(rule for rule in ACTIVATION_RULES if rule[0] not in named)
+  """The config's table as Flax takes it (lists of mesh axes, as a JSON round trip leaves them, become tuples)."""
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config_rules)
 
 
 @contextlib.contextmanager
@@ -83,11 +77,17 @@ def to_host(tree: Any) -> Any:
 
 
 def sharded_jit(fn: Callable[..., Any], mesh: Mesh, rules: Rules, **jit_kwargs: Any) -> Callable[..., Any]:
-  """`jax.jit(fn, **jit_kwargs)`, traced under the mesh and the rules so that logical constraints apply."""
+  """`jax.jit(fn, **jit_kwargs)`, traced under the mesh and the rules so that logical constraints apply. Like a
+  jitted function, the result has `.lower(*args)` (to read the compiled program)."""
   jitted = jax.jit(fn, **jit_kwargs)
 
   def call(*args: Any) -> Any:
     with partitioning(mesh, rules):
       return jitted(*args)
 
+  def lower(*args: Any) -> Any:
+    with partitioning(mesh, rules):
+      return jitted.lower(*args)
+
+  call.lower = lower
   return call

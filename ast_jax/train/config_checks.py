@@ -6,20 +6,34 @@ from typing import Any
 
 import ml_collections
 
+from ast_jax.audio.fbank import WINDOW_TYPES
+from ast_jax.audio.features import TIME_POOLS
+from ast_jax.audio.patches import patch_of, strides_of
+from ast_jax.data.scan import BAD_AUDIO_MODES, SCAN_MODES
+from ast_jax.data.sources import SOURCES
+from ast_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from ast_jax.models.family import FLEXI_PATCH, TIME_COMPRESSION, Family, families_with, family_of
+from ast_jax.models.flexi import FLEXI_AXES, flexi_shape
+from ast_jax.models.stack import REMAT_POLICIES
+from ast_jax.models.vit import DTYPES
+from ast_jax.train.losses import LOSSES
+from ast_jax.train.metrics import METRICS
+from ast_jax.train.optim import SCHEDULES, WEIGHT_DECAY_MODES
 from ast_jax.train.phases import phases_problems
 
+# Each field's choices, as the module that reads the field names them.
 CHOICES = {
-    "data.source": ("demo", "folder", "datafile", "esc50", "speechcommands"),
-    "data.on_bad_audio": ("error", "skip"),
-    "data.scan": ("header", "decode", "off"),
-    "audio.window_type": ("hanning", "hamming", "povey", "rectangular", "blackman"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.attention": ("auto", "xla", "blockwise", "cudnn"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "optim.schedule": ("step", "cosine"),
-    "optim.weight_decay_mode": ("l2", "decoupled"),
-    "train.loss": ("bce", "ce"),
-    "train.main_metric": ("accuracy", "mAP", "mAUC", "d_prime"),
+    "data.source": SOURCES,
+    "data.on_bad_audio": BAD_AUDIO_MODES,
+    "data.scan": SCAN_MODES,
+    "audio.window_type": WINDOW_TYPES,
+    "model.dtype": tuple(DTYPES),
+    "model.attention": ATTENTION_IMPLEMENTATIONS,
+    "model.remat": tuple(REMAT_POLICIES),
+    "optim.schedule": SCHEDULES,
+    "optim.weight_decay_mode": WEIGHT_DECAY_MODES,
+    "train.loss": LOSSES,
+    "train.main_metric": METRICS,
 }
 POSITIVE = ("num_classes", "data.batch_size", "train.epochs", "audio.target_length", "audio.num_mel_bins",
             "audio.sample_rate", "audio.frame_length", "audio.frame_shift", "audio.std", "optim.lr",
@@ -60,11 +74,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"train.average_weights={(first, last)} must be (0, 0) or 1 <= first <= last")
   if first > config.train.epochs:
     problems.append(f"train.average_weights starts at epoch {first}, after the last epoch {config.train.epochs}")
-  patch = config.model.patch_size
-  if config.audio.target_length < patch or config.audio.num_mel_bins < patch:
+  patch_freq, patch_time = patch_of(config.model)
+  if config.audio.target_length < patch_time or config.audio.num_mel_bins < patch_freq:
     problems.append(f"audio.target_length={config.audio.target_length} x audio.num_mel_bins="
-                    f"{config.audio.num_mel_bins} is smaller than one {patch}x{patch} patch, so the patch grid is "
-                    "empty: raise audio.target_length / audio.num_mel_bins or lower model.patch_size")
+                    f"{config.audio.num_mel_bins} is smaller than one {patch_freq}x{patch_time} patch (mel bins x frames), "
+                    "so the patch grid is empty: raise audio.target_length / audio.num_mel_bins or lower "
+                    "model.patch_size / patch_time")
   if config.augment.freq_mask > config.audio.num_mel_bins:
     problems.append(f"augment.freq_mask={config.augment.freq_mask} exceeds audio.num_mel_bins")
   if config.augment.time_mask > config.audio.target_length:
@@ -72,67 +87,54 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   problems += _mesh_problems(config)
   problems += _data_problems(config)
   problems += _sweep_problems(config)
-  if config.model.get("name", "ast") not in ("ast", "elastic", "aum"):
-    problems.append(f"model.name={config.model.name!r} is not one of ('ast', 'elastic', 'aum')")
-  elif config.model.name == "elastic":
-    problems += _packing_problems(config)
-  elif config.model.name == "aum":
-    problems += _aum_problems(config)
-  problems += _flexi_problems(config)
-  problems += _front_end_problems(config)
-  problems += phases_problems(config)
+  try:
+    family = family_of(config)
+  except ValueError as error:
+    problems.append(str(error))
+  else:
+    problems += family.problems(config)
+    problems += _tensor_problems(config, family)
+    problems += _flexi_problems(config, family)
+    problems += _front_end_problems(config, family)
+    problems += phases_problems(config)
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
-def _aum_problems(config: ml_collections.ConfigDict) -> list[str]:
-  """Audio Mamba: its switches, its size, and a patch grid that fits the input."""
-  from ast_jax.models.aum import BIDIRECTIONAL, CLS_POSITIONS, SCANS, VARIANTS
-
-  model, problems = config.model, []
-  for field, choices in (("bidirectional", BIDIRECTIONAL), ("cls_position", CLS_POSITIONS), ("scan", SCANS)):
-    if model.get(field) not in choices:
-      problems.append(f"model.{field}={model.get(field)!r} is not one of {choices}: build the config with "
-                      "configs.common.aum(config)")
-  if model.variant and model.variant not in VARIANTS:
-    problems.append(f"model.variant={model.variant!r} is not an AuM size {tuple(VARIANTS)} (or '' with model.width)")
-  elif not (model.variant or model.width > 0):
-    problems.append("model.width must be positive when model.variant is ''")
-  for field in ("d_state", "d_conv", "expand", "scan_chunk"):
-    if not (isinstance(model.get(field), int) and model.get(field) > 0):
-      problems.append(f"model.{field}={model.get(field)!r} must be a positive int")
-  if not problems:
-    from ast_jax.bench.flops import config_flops
-
-    try:
-      config_flops(config)  # the patch grid
-    except ValueError as error:
-      problems.append(f"model input: {error}")
-  return problems
-
-
-def _front_end_problems(config: ml_collections.ConfigDict) -> list[str]:
+def _front_end_problems(config: ml_collections.ConfigDict, family: Family) -> list[str]:
   """Time pooling (valid values, at least one patch left after pooling); a run patch only from a 'patch' phase."""
-  from ast_jax.audio.features import TIME_POOLS
-
   audio, model, problems = config.audio, config.model, []
   pool, factor = audio.get("time_pool", "none"), audio.get("time_pool_factor", 1)
   if pool not in TIME_POOLS or not (isinstance(factor, int) and factor >= 1):
     problems.append(f"audio.time_pool={pool!r} / time_pool_factor={factor!r}: the pool is one of {TIME_POOLS} and "
                     "the factor a positive int")
-  elif pool != "none" and model.get("name", "ast") != "ast":
-    problems.append("audio.time_pool applies to model.name='ast' (fixed-length input)")
+  elif pool != "none" and TIME_COMPRESSION not in family.options:
+    problems.append(f"audio.time_pool needs a model family that takes compressed input "
+                    f"({', '.join(families_with(TIME_COMPRESSION))}); model.name={model.name!r} does not")
   if tuple(model.get("run_patch", ())):
     problems.append("model.run_patch is set by a 'patch' phase of train.phases; to train at another patch shape, "
                     "set model.patch_size / patch_time")
-  elif not problems and pool != "none" and model.get("name", "ast") == "ast":
-    from ast_jax.bench.flops import config_flops
-
+  elif not problems and pool != "none":
     try:
-      config_flops(config)  # the patch grid of the pooled input
+      family.flops(config)  # the patch grid of the pooled input
     except ValueError as error:
       problems.append(f"model input: {error}")
   return problems
+
+
+def _tensor_problems(config: ml_collections.ConfigDict, family: Family) -> list[str]:
+  """Tensor parallelism splits attention heads: the head count must divide over the mesh's tensor axis."""
+  tensor = dict(config.mesh).get("tensor", 1)
+  if not (isinstance(tensor, int) and tensor > 1):
+    return []
+  try:
+    heads = family.kwargs(config).get("num_heads")
+  except ValueError:
+    return []  # named by the family's own checks
+  if heads and heads % tensor:
+    return [f"config.mesh.tensor={tensor} does not divide the model's {heads} attention heads (tensor parallelism "
+            "splits heads): choose a tensor size that divides the head count, or another variant"]
+  return []
 
 
 def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -170,14 +172,14 @@ def _sweep_problems(config: ml_collections.ConfigDict) -> list[str]:
     return []
   problems = [f"eval_sweep.lengths={tuple(sweep.lengths)!r}: every length must be a whole number of frames >= "
               f"model.patch_size ({config.model.patch_size})"
-              for length in sweep.lengths if int(length) != length or length < config.model.patch_size][:1]
+              for length in sweep.lengths if int(length) != length or length < patch_of(config.model)[1]][:1]
   if any(not q >= 1.0 for q in sweep.resolutions):
     problems.append(f"eval_sweep.resolutions={tuple(sweep.resolutions)!r}: each q must be >= 1 (frame shift "
                     "audio.frame_shift * q)")
   return problems
 
 
-def _flexi_problems(config: ml_collections.ConfigDict) -> list[str]:
+def _flexi_problems(config: ml_collections.ConfigDict, family: Family) -> list[str]:
   """FlexiAST training and patch-size sweeps: an AST with non-overlapping patches, every size fitting the input."""
   model = config.model
   train_sizes, eval_sizes = tuple(model.get("flexi_patch_sizes", ())), tuple(config.get("eval_patch_sizes", ()))
@@ -196,62 +198,19 @@ def _flexi_problems(config: ml_collections.ConfigDict) -> list[str]:
                     "model.flexi_patch_sizes entry), not all zero")
   if not (train_sizes or eval_sizes):
     return problems
-  if model.get("flexi_axes", "both") not in ("both", "time"):
-    problems.append(f"model.flexi_axes={model.flexi_axes!r} is not one of ('both', 'time')")
-  if model.get("name", "ast") != "ast":
-    problems.append("model.flexi_patch_sizes and eval_patch_sizes apply to model.name='ast'")
-  patch_time = model.get("patch_time") or model.patch_size
-  if (model.fstride, model.tstride) != (model.patch_size, patch_time):
+  if model.get("flexi_axes", "both") not in FLEXI_AXES:
+    problems.append(f"model.flexi_axes={model.flexi_axes!r} is not one of {FLEXI_AXES}")
+  if FLEXI_PATCH not in family.options:
+    problems.append(f"model.flexi_patch_sizes and eval_patch_sizes need a model family that runs at any patch size "
+                    f"({', '.join(families_with(FLEXI_PATCH))}); model.name={model.name!r} does not")
+  patch_time = patch_of(model)[1]
+  if strides_of(model) != patch_of(model):
     problems.append(f"model.flexi_patch_sizes / eval_patch_sizes need non-overlapping patches: set model.fstride="
                     f"{model.patch_size} and model.tstride={patch_time} (now {model.fstride}, {model.tstride})")
-  time_only = model.get("flexi_axes", "both") == "time"
   for size in train_sizes + eval_sizes:
-    freq = model.patch_size if time_only else size
+    freq = flexi_shape(config, size)[0] if isinstance(size, int) else size
     fits = freq <= config.audio.num_mel_bins and size <= config.audio.target_length
     if not (isinstance(size, int) and size > 0) or not fits:
       problems.append(f"patch size {size!r} (model.flexi_patch_sizes / eval_patch_sizes) must be a positive int "
                       f"that fits {config.audio.num_mel_bins} mel bins x {config.audio.target_length} frames")
-  return problems
-
-
-def _packing_problems(config: ml_collections.ConfigDict) -> list[str]:
-  """ElasticAST: the packing section and the options packed rows cannot take."""
-  if "packing" not in config:
-    return ["model.name='elastic' needs a packing section: build the config with configs.common.elastic(config)"]
-  packing, model = config.packing, config.model
-  patch, patch_time = model.patch_size, model.get("patch_time") or model.patch_size
-  problems = []
-  for field in ("rows", "row_tokens", "max_clips", "max_frames"):
-    if not packing[field] > 0:
-      problems.append(f"packing.{field}={packing[field]!r} must be positive")
-  for field, choices in (("packing.method", ("first_fit", "best_fit")), ("packing.crop", ("start", "random")),
-                         ("model.pooling", ("attention", "mean")), ("model.positions", ("integer", "fractional"))):
-    if _get(config, field) not in choices:
-      problems.append(f"{field}={_get(config, field)!r} is not one of {choices}")
-  if not 0.0 <= packing.drop_rate < 1.0:
-    problems.append(f"packing.drop_rate={packing.drop_rate!r} must lie in [0, 1)")
-  if not packing.resolutions or any(not q >= 1.0 for q in packing.resolutions):
-    problems.append(f"packing.resolutions={tuple(packing.resolutions)!r} must be frame-shift multipliers q >= 1")
-  if packing.eval_rows < 0 or packing.min_crop_frames < 0:
-    problems.append("packing.eval_rows and packing.min_crop_frames must not be negative")
-  if packing.max_frames >= patch_time:
-    longest = (config.audio.num_mel_bins // patch) * (packing.max_frames // patch_time)
-    if longest > packing.row_tokens:
-      problems.append(f"packing.row_tokens={packing.row_tokens} cannot hold the longest clip ({longest} tokens at "
-                      f"packing.max_frames={packing.max_frames}): raise row_tokens or lower max_frames")
-  else:
-    problems.append(f"packing.max_frames={packing.max_frames} is shorter than one {patch_time}-frame patch")
-  if model.positions == "integer":
-    table = model.max_time_patches or packing.max_frames // patch_time
-    longest = max([packing.max_frames, *config.eval_sweep.lengths]) // patch_time
-    if longest > table:
-      problems.append(f"model.max_time_patches={table} rows cannot index {longest} time patches (packing.max_frames "
-                      "or an eval_sweep length): raise max_time_patches or use model.positions='fractional'")
-  if model.fstride != patch or model.tstride != patch_time:
-    problems.append(f"model.fstride/tstride={model.fstride}/{model.tstride}: ElasticAST's patches do not overlap; "
-                    f"set them to the patch's size {patch}/{patch_time}")
-  if config.augment.mixup > 0 or config.augment.roll > 0:
-    problems.append("augment.mixup and augment.roll must be 0 for packed clips of their own length")
-  if config.train.grad_accum_steps != 1:
-    problems.append("train.grad_accum_steps must be 1 with packing: raise packing.rows for a larger batch")
   return problems

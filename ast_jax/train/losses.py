@@ -7,6 +7,9 @@ import jax.numpy as jnp
 import optax
 
 
+LOSSES = ("bce", "ce")  # config.train.loss
+
+
 def classification_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, kind: str,
                         label_smoothing: float = 0.0) -> jax.Array:
   """Mean loss over real examples. logits, labels `[batch, classes]` (labels multi-hot or mixup-soft); mask `[batch]`.

@@ -41,6 +41,9 @@ def d_prime(auc: float) -> float:
   return float(np.sqrt(2.0) * stats.norm.ppf(auc))
 
 
+METRICS = ("accuracy", "mAP", "mAUC", "d_prime")  # what classification_metrics returns; config.train.main_metric
+
+
 def classification_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
   """Upstream metrics on `scores` `[examples, classes]` (sigmoid or softmax outputs) and `targets` (multi-hot).
 

@@ -36,6 +36,10 @@ def upstream_step_schedule(lr: float, steps_per_epoch: int, *, warmup_steps: int
   return schedule
 
 
+SCHEDULES = ("step", "cosine")  # config.optim.schedule
+WEIGHT_DECAY_MODES = ("l2", "decoupled")  # config.optim.weight_decay_mode
+
+
 def make_schedule(optim: Mapping[str, Any], steps_per_epoch: int, total_steps: int) -> Schedule:
   """The schedule `config.optim.schedule` names ('step' or 'cosine')."""
   if optim["schedule"] == "step":

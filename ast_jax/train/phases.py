@@ -1,4 +1,4 @@
-"""Multi-phase coarse-to-fine training (REFERENCE.md 4): early phases on temporally compressed spectrograms, the
+"""Multi-phase coarse-to-fine training (docs/BACKGROUND.md section 4): early phases on temporally compressed spectrograms, the
 last at full resolution, for the accuracy of full-resolution training at a fraction of its compute.
 
 `config.train.phases` lists the phases as 'method:factor:epochs', optionally followed by ':field=value' overrides of
@@ -27,7 +27,8 @@ import dataclasses
 from typing import Any
 
 import ml_collections
-import numpy as np
+
+from ast_jax.audio.patches import patch_of
 
 METHODS = ("full", "frame_shift", "avg_pool", "max_pool", "patch")
 
@@ -102,8 +103,8 @@ def phase_config(config: ml_collections.ConfigDict, phase: Phase) -> ml_collecti
   elif phase.method in ("avg_pool", "max_pool"):
     audio.time_pool, audio.time_pool_factor = phase.method.split("_")[0], factor
   elif phase.method == "patch":
-    patch_time = config.model.get("patch_time") or config.model.patch_size
-    out.model.run_patch = (config.model.patch_size, patch_time * factor)
+    patch_freq, patch_time = patch_of(config.model)
+    out.model.run_patch = (patch_freq, patch_time * factor)
   out.train.epochs = phase.epochs
   for key, value in phase.optim:
     if key not in out.optim:
@@ -154,26 +155,22 @@ def model_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """The (frequency, time) grid of the model's stored positional table under `config` (its input frames, its
   stored patch and strides; a `run_patch` resizes the table on the fly and does not change it)."""
   from ast_jax.audio.features import FrontEnd
-  from ast_jax.models.ast import patch_grid
+  from ast_jax.audio.patches import patch_grid, strides_of
 
-  model = config.model
-  return patch_grid(config.audio.num_mel_bins, FrontEnd.from_config(config.audio).frames, model.patch_size,
-                    model.fstride, model.tstride, model.get("patch_time", 0))
+  return patch_grid(config.audio.num_mel_bins, FrontEnd.from_config(config.audio).frames, patch_of(config.model),
+                    strides_of(config.model))
 
 
 def carry_params(params: Any, source: ml_collections.ConfigDict, target: ml_collections.ConfigDict) -> Any:
-  """Parameters moved from one phase to the next: every array unchanged except `pos_embed`, bilinearly
-  interpolated (PyTorch `F.interpolate`, align_corners=False) from `source`'s grid to `target`'s, prefix rows
-  kept. Host arrays in, host arrays out."""
-  from ast_jax.convert.posembed import bilinear_resize
+  """Parameters moved from one phase to the next: every array unchanged except `pos_embed`, moved from `source`'s
+  grid to `target`'s by rule 'bilinear' (PyTorch `F.interpolate`, align_corners=False; `models/positions.py`),
+  prefix rows kept. Host arrays in, host arrays out."""
+  from ast_jax.models.positions import resize_table
 
   old, new = model_grid(source), model_grid(target)
   moved = dict(params)
   if old != new:
-    table = np.asarray(params["pos_embed"])
-    width = table.shape[-1]
-    grid = bilinear_resize(table[0, 2:].reshape(*old, width), *new)
-    moved["pos_embed"] = np.concatenate([table[:, :2], grid.reshape(1, new[0] * new[1], width)], axis=1)
+    moved["pos_embed"] = resize_table(params["pos_embed"], old, new, rule="bilinear")
   return moved
 
 
@@ -193,8 +190,11 @@ def phases_problems(config: ml_collections.ConfigDict) -> list[str]:
   if phases[-1].method != "full":
     problems.append(f"train.phases={spec!r} must end with a 'full' phase: the trained model is the full-resolution "
                     "one (evaluated, exported and swept as such)")
-  if config.model.get("name", "ast") != "ast":
-    problems.append("train.phases apply to model.name='ast' (fixed-length input)")
+  from ast_jax.models.family import TIME_COMPRESSION, families_with, family_of
+
+  if TIME_COMPRESSION not in family_of(config).options:
+    problems.append(f"train.phases need a model family that takes compressed input ({', '.join(families_with(TIME_COMPRESSION))}); "
+                    f"model.name={config.model.name!r} does not")
   if config.model.get("flexi_patch_sizes"):
     problems.append("train.phases do not combine with model.flexi_patch_sizes")
   if config.audio.get("time_pool", "none") != "none":
@@ -203,7 +203,7 @@ def phases_problems(config: ml_collections.ConfigDict) -> list[str]:
   if first_avg and first_avg <= sum(phase.epochs for phase in phases[:-1]):
     problems.append(f"train.average_weights={tuple(config.train.average_weights)} starts before the last phase "
                     "(weights of different grids cannot be averaged): average within the last phase only")
-  from ast_jax.bench.flops import config_flops
+  from ast_jax.models.family import config_flops
 
   for phase in phases:
     try:

@@ -6,21 +6,19 @@ import logging
 import math
 import os
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from ast_jax import data as data_lib
 from ast_jax.convert import model_dir
 from ast_jax.convert.init import initial_params
-from ast_jax.data.inputs import build_input, is_packed
-from ast_jax.models import build_model, example_inputs
+from ast_jax.data.inputs import build_input
+from ast_jax.models import build_model, config_flops, example_inputs, family_of
 from ast_jax.models.flexi import flexi_patch_probs, flexi_patch_sizes
-from ast_jax.bench.flops import config_flops, peak_flops_per_device
 from ast_jax.models.layers import to_layout, unscan_layers
 from ast_jax.parallel import (batch_sharding, create_sharded, data_parallel_size, global_batch, logical_rules,
                               make_mesh, put_host_tree, replicated, sharded_jit, to_host)
@@ -29,11 +27,12 @@ from ast_jax.train import state as state_lib
 from ast_jax.train import faults
 from ast_jax.train.checkpoint import Checkpointer, CorruptCheckpoint
 from ast_jax.train.config_checks import ConfigError, validate_config
-from ast_jax.train.metrics import classification_metrics
+from ast_jax.train.evaluate import evaluate_params
 from ast_jax.train.optim import make_optimizer, make_schedule
 from ast_jax.train.phases import PhasePlan, carry_params, phase_of_checkpoint, plan_phases
-from ast_jax.train.steps import make_eval_step, make_packed_eval_step, make_packed_train_step, make_train_step
-from ast_jax.train.sweep import run_sweep
+from ast_jax.train.steps import make_eval_step, make_train_step
+from ast_jax.train.eval_sweep import run_sweep
+from ast_jax.train.throughput import Throughput, peak_flops_per_device
 from ast_jax.train.workdir import check_workdir, checkpoint_bytes
 from ast_jax.train.writers import MetricsWriter, Progress
 
@@ -59,7 +58,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = make_mesh(config.mesh)
   except ValueError as error:  # e.g. a mesh needing more devices than there are
     raise ConfigError(str(error)) from None
-  check_batch_divides(config, mesh)
+  check_batch_divides(config, mesh, logical_rules(config.sharding_rules))
   check_workdir(workdir, checkpoint_bytes(config))
   while True:
     try:
@@ -74,7 +73,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Any) -> dict[s
   # Input: each process reads its block of every global batch (fixed-length clips, or packed rows of clips). The
   # same waveforms feed every phase: the front end, where a phase compresses time, runs inside the step.
   sources = data_lib.build_sources(config)
-  inputs = build_input(config, sources)
+  inputs = build_input(config, sources, packed=family_of(config).packed_input)
   steps_per_epoch = inputs.steps_per_epoch
   plans = plan_phases(config, steps_per_epoch)
   # max_steps stops early (benchmarks, tests, a staged run); the schedules are always the full run's.
@@ -172,20 +171,18 @@ class _Run:
              plan.end_step, self.total_steps)
 
     # Steps, jitted once, traced under the mesh and the logical axis rules.
-    data_sharding = batch_sharding(mesh)
-    make_train, make_eval = ((make_packed_train_step, make_packed_eval_step) if inputs.packed
-                             else (make_train_step, make_eval_step))
+    data_sharding = batch_sharding(mesh, rules)
     run_patch = tuple(config.model.get("run_patch", ())) or None  # a 'patch' phase: the kernel at another shape
 
     def compile_train_step(*patch: tuple[int, int]) -> Any:
-      return sharded_jit(make_train(model, tx, schedule, config, self.train_rng, *patch), mesh, rules,
+      return sharded_jit(make_train_step(model, tx, schedule, config, self.train_rng, *patch), mesh, rules,
                          in_shardings=(state_shardings, data_sharding),
                          out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
 
     # FlexiAST: a patch shape drawn per step, one compiled step per shape (each compiled on first use, then reused).
     flexi_steps = PatchSteps(compile_train_step) if flexi_patch_sizes(config) else None
     train_step = None if flexi_steps else compile_train_step(*([run_patch] if run_patch else []))
-    eval_fn = make_eval_step(model, config, run_patch) if run_patch else make_eval(model, config)
+    eval_fn = make_eval_step(model, config, run_patch)
     self.eval_step = sharded_jit(eval_fn, mesh, rules, in_shardings=(state_shardings.params, data_sharding))
 
     # Restore: a checkpoint written in this phase (a later phase starts from the carried weights).
@@ -205,7 +202,7 @@ class _Run:
     throughput = Throughput(inputs.examples_per_step, flops["tokens_per_step"], flops["train_flops_per_step"], peak,
                             jax.device_count())
     for step in range(start_step, end_step):
-      batch = global_batch(mesh, faults.poison(next(self.train_iter), step + 1))
+      batch = global_batch(mesh, faults.poison(next(self.train_iter), step + 1), rules)
       if flexi_steps is not None:
         state, metrics = flexi_steps(step_patch(config, step), state, batch)
       else:
@@ -264,7 +261,7 @@ class _Run:
           f"{longest} consecutive training steps had a non-finite loss or gradient (checked at step {step}; "
           f"{skipped} skipped in all), so the run stopped. "
           + (f"The last checkpoint (step {last}) is intact. " if last else "No checkpoint was written. ")
-          + "Lower optim.lr or set optim.grad_clip_norm, check the data (python -m ast_jax.data.validate "
+          + "Lower optim.lr or set optim.grad_clip_norm, check the data (python -m ast_jax.validate "
           "--config=...), or raise train.max_consecutive_skips.")
     return skipped
 
@@ -279,7 +276,7 @@ class _Run:
               "train_flops": float(sum(flops)), "phase_seconds": list(self.phase_seconds), "phase_flops": flops}
     record = {"epoch": epoch, "step": step,
               **evaluate_params(self.eval_step, params, faults.during_eval(self.inputs.eval_batches(**self.host),
-                                                                           step), self.mesh),
+                                                                           step), self.mesh, self.rules),
               **extra, **self.packing_stats, **ledger, "skipped_files": self.sources.skipped_files,
               "skipped": dict(self.sources.skipped)}
     self.writer.write_record(record)
@@ -364,10 +361,10 @@ class PatchSteps:
     return state, metrics
 
 
-def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any) -> None:
+def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any, rules: Any = None) -> None:
   """The global batch must split evenly over the data-parallel devices, the processes and the micro-batches."""
-  dp, accum = data_parallel_size(mesh), config.train.grad_accum_steps
-  if is_packed(config):  # rows are the batch; gradient accumulation is off (config_checks)
+  dp, accum = data_parallel_size(mesh, rules), config.train.grad_accum_steps
+  if family_of(config).packed_input:  # the batch is packed rows of clips
     sizes = (("packing.rows", config.packing.rows),
              ("packing.eval_rows", config.packing.eval_rows or config.packing.rows))
   else:
@@ -380,59 +377,11 @@ def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any) -> None:
                         f"{dict(mesh.shape)}) and {jax.process_count()} process(es): set it to a multiple of {unit} "
                         f"(e.g. --config.{name}={max(unit, size // unit * unit)}), or change config.mesh")
   unit = accum * dp
-  if not is_packed(config) and config.data.batch_size % unit:
-    raise ConfigError(f"config.data.batch_size={config.data.batch_size} does not split into grad_accum_steps={accum} "
-                      f"micro-batches over {dp} data-parallel devices: set it to a multiple of {unit} (e.g. "
-                      f"--config.data.batch_size={max(unit, config.data.batch_size // unit * unit)}) or change "
-                      "train.grad_accum_steps")
-
-
-class Throughput:
-  """examples/s, tokens/s and MFU (model FLOPs from the analytic count / the devices' peak) over an interval.
-  Per step: `examples` (clips; for packed batches the epoch's mean), `tokens` and the train-step FLOPs."""
-
-  def __init__(self, examples: float, tokens: float, train_flops: float, peak: float | None, num_devices: int):
-    self.examples, self.tokens, self.train_flops = examples, tokens, train_flops
-    self.peak, self.num_devices = peak, num_devices
-    self.last_step, self.last_time = None, time.perf_counter()
-
-  def summary(self, steps: int, seconds: float) -> dict[str, float]:
-    per_second = steps / max(seconds, 1e-9)
-    stats = {"examples_per_sec": per_second * self.examples, "tokens_per_sec": per_second * self.tokens}
-    if self.peak:
-      stats["mfu"] = per_second * self.train_flops / (self.peak * self.num_devices)
-    return stats
-
-  def interval(self, step: int) -> dict[str, float]:
-    now, last_step, last_time = time.perf_counter(), self.last_step, self.last_time
-    self.last_step, self.last_time = step, now
-    if last_step is None:  # the first interval includes compilation
-      return {}
-    return {f"perf/{key}": value for key, value in self.summary(step - last_step, now - last_time).items()}
-
-
-def evaluate_params(eval_step: Any, params: Any, batches: Iterable[dict[str, np.ndarray]], mesh: Any
-                    ) -> dict[str, float]:
-  """Runs `eval_step` over every batch and computes the upstream metrics over the real (mask = 1) examples."""
-  scores, labels, loss_sum, count = [], [], 0.0, 0.0
-  for host_batch in batches:
-    batch = global_batch(mesh, host_batch)
-    outputs = eval_step(params, batch)
-    # Every process gathers the whole batch, so multi-host runs compute metrics over the full evaluation set.
-    # Packed batches hold [rows, clips] outputs with a clip mask; both kinds flatten to [examples, classes].
-    mask = batch["mask"] if "mask" in batch else batch["clip_mask"]
-    gathered = multihost_utils.process_allgather(
-        {"scores": outputs["scores"], "label": batch["label"], "mask": mask}, tiled=True)
-    real = np.asarray(gathered["mask"]).reshape(-1) > 0
-    classes = gathered["scores"].shape[-1]
-    scores.append(np.asarray(gathered["scores"]).reshape(-1, classes)[real])
-    labels.append(np.asarray(gathered["label"]).reshape(-1, classes)[real])
-    loss_sum += float(outputs["loss_sum"])
-    count += float(real.sum())
-  if count == 0:
-    raise ValueError("the evaluation set is empty")
-  metrics = classification_metrics(np.concatenate(scores), np.concatenate(labels))
-  return {"loss": loss_sum / count, **metrics, "num_examples": int(count)}
+  name, size = sizes[0]
+  if size % unit:
+    raise ConfigError(f"config.{name}={size} does not split into grad_accum_steps={accum} micro-batches over {dp} "
+                      f"data-parallel devices: set it to a multiple of {unit} (e.g. --config.{name}="
+                      f"{max(unit, size // unit * unit)}) or change train.grad_accum_steps")
 
 
 def _summary(record: dict[str, Any]) -> str:

@@ -1,8 +1,10 @@
-"""One training step under several meshes of 8 simulated CPU devices, compared with one device; and a checkpoint
-saved under one mesh restored under another. Run by tests/test_sharding.py in its own process (the device count
-must be set before JAX starts); prints one JSON line of results."""
+"""One training step under several meshes of 8 simulated CPU devices, compared with one device; the compiled step
+under tensor parallelism read for q/k/v resharding; and a checkpoint saved under one mesh restored under another.
+Run by tests/test_sharding.py in its own process (the device count must be set before JAX starts); prints one JSON
+line of results."""
 
 import os
+import re
 import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -45,8 +47,9 @@ def save_initial_params(workdir):
   return "ast_jax:" + path
 
 
-def one_step(config, devices):
-  """(metrics, updated params on the host, the state, its shardings, mesh) after two steps."""
+def one_step(config, devices, compiled_text=None):
+  """(metrics, updated params on the host, the state, its shardings, mesh) after two steps; the compiled step's
+  HLO text is appended to `compiled_text` when given."""
   mesh, rules = make_mesh(config.mesh, devices), logical_rules(config.sharding_rules)
   model = build_model(config)
   schedule = make_schedule(config.optim, 10, 100)
@@ -56,16 +59,31 @@ def one_step(config, devices):
   init_rng, train_rng = jax.random.split(jax.random.key(0))
   state, shardings = initial_state(config, model, tx, mesh, rules, init_rng)
   step = sharded_jit(make_train_step(model, tx, schedule, config, train_rng), mesh, rules,
-                     in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)))
+                     in_shardings=(shardings, batch_sharding(mesh, rules)),
+                     out_shardings=(shardings, replicated(mesh)))
   rng = np.random.default_rng(0)
   samples = 16000 * 128 // 100 + 240
-  batch = {"waveform": rng.normal(size=(8, samples)).astype(np.float32) * 0.1,
-           "num_samples": rng.integers(samples // 2, samples, 8).astype(np.int32),
-           "label": np.eye(8, dtype=np.float32)[rng.integers(0, 8, 8)], "mask": np.ones(8, np.float32)}
+  batch = {"waveform": rng.normal(size=(8, 1, samples)).astype(np.float32) * 0.1,  # whole-clip rows (data/batch.py)
+           "num_samples": rng.integers(samples // 2, samples, (8, 1)).astype(np.int32),
+           "label": np.eye(8, dtype=np.float32)[rng.integers(0, 8, (8, 1))], "clip_mask": np.ones((8, 1), np.float32)}
   for _ in range(2):  # the second Adam step depends on the gradients' values, not only their signs
-    state, metrics = step(state, global_batch(mesh, batch))
+    state, metrics = step(state, global_batch(mesh, batch, rules))
+  if compiled_text is not None:  # the step is compiled already: this reads it from the cache
+    compiled_text.append(step.lower(state, global_batch(mesh, batch, rules)).compile().as_text())
   metrics = {name: float(value) for name, value in metrics.items()}
   return metrics, unscan_layers(to_host(state.params)), state, shardings, mesh
+
+
+def qkv_resharding(hlo, width, heads):
+  """Collectives in a compiled step that move q/k/v activations between devices: results with the fused
+  [3 * width] axis, or [3, heads, head_dim] with every head (gathered over the tensor axis)."""
+  found = []
+  for dims, op in re.findall(r"= \w+\[([\d,]*)\]\S* (all-gather|all-to-all|collective-permute|all-reduce|"
+                             r"reduce-scatter)\(", hlo):
+    shape = tuple(int(size) for size in dims.split(",") if size)
+    if shape[-1:] == (3 * width,) or shape[-3:] == (3, heads, width // heads):
+      found.append(f"{op} {shape}")
+  return found
 
 
 def max_relative(a, b):
@@ -85,12 +103,14 @@ def main(workdir):
     config = make_config(mesh, init_from, **model)
     if name.endswith("accum"):
       config.train.grad_accum_steps = 2
-    metrics, params, state, shardings, mesh_obj = one_step(config, devices)
+    compiled_text = [] if name == "2x2x2" else None
+    metrics, params, state, shardings, mesh_obj = one_step(config, devices, compiled_text)
     results[name] = {"params_rel": max_relative(base_params, params),
                      **{f"{key}_rel": abs(metrics[key] - base_metrics[key]) / abs(base_metrics[key])
                         for key in ("loss", "grad_norm")}}
     if name == "2x2x2":
       results["specs"] = describe(shardings.params)
+      results["qkv_resharding"] = qkv_resharding(compiled_text[0], config.model.width, config.model.num_heads)
       saver = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
       saver.save(1, state, None, {"mesh": name})
       saver.close()

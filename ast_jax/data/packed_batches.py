@@ -1,13 +1,14 @@
 """Packed batches for ElasticAST: each global batch is a fixed number of rows of whole clips.
 
 Every training epoch's shuffled clip order, with each clip's view for that epoch (its crop and resolution q), is
-cut into batches by `packing.plan_batches` from the clips' token counts (known from their lengths before any audio
+cut into batches by `packer.plan_batches` from the clips' token counts (known from their lengths before any audio
 is decoded), so a batch is a function of its global position alone: the Grain iterator's checkpoint is that
-position, as for fixed-length batches. Evaluation plans the clips once, in order. A batch holds, per row, up to
-`max_clips` waveform slots (`waveform [rows, max_clips, max_samples]`, `num_samples`, `label [rows, max_clips,
-classes]`, `clip_mask`, the slot's frame shift `window_shift` in samples, its `resolution` q and its
-`time_patches`) and the token layout (`segment_ids`, `freq_positions`, `time_positions` `[rows, row_tokens]`);
-the step computes each slot's fbank on the device and gathers the tokens (`models/elastic.py:gather_packed`).
+position, as for fixed-length batches. Every host plans the whole global batch and decodes only the clips of its
+own block of rows. Evaluation plans the clips once, in order. A batch holds, per row, up to `max_clips` waveform
+slots (`waveform [rows, max_clips, max_samples]`, `num_samples`, `label [rows, max_clips, classes]`, `clip_mask`,
+the slot's frame shift `window_shift` in samples, its `resolution` q and its `time_patches`) and the token layout
+(`segment_ids`, `freq_positions`, `time_positions` `[rows, row_tokens]`); the step computes each slot's fbank on
+the device and the model gathers the tokens (`models/tokens.py:gather_packed`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import soundfile as sf
 from ast_jax.audio.fbank import FbankOptions, num_frames
 from ast_jax.audio.io import AudioError
 from ast_jax.data import demo
-from ast_jax.data.packing import keep_tokens, kept_tokens, lay_out, patch_grid_of, plan_batches
+from ast_jax.audio.patches import patch_grid, stored_patch
+from ast_jax.data.packer import keep_tokens, kept_tokens, lay_out, plan_batches
 from ast_jax.data.reader import WaveformReader, multi_hot
 from ast_jax.data.sampling import EpochSampler
 from ast_jax.data.sources import Example
@@ -79,7 +81,7 @@ class PackingSpec:
   @property
   def patch_shape(self) -> tuple[int, int]:
     """(frequency, time) size of a patch."""
-    return self.patch, self.patch_time or self.patch
+    return stored_patch(self.patch, self.patch_time)
 
   def fbank_options(self, resolution: float = 1.0) -> FbankOptions:
     return FbankOptions(sample_rate=float(self.sample_rate), frame_length=self.frame_length,
@@ -103,7 +105,7 @@ class PackingSpec:
   def grid(self, num_samples: int, resolution: float = 1.0) -> tuple[int, int]:
     """The (frequency, time) patch grid of a clip of `num_samples` samples (cut to `max_samples`) at q."""
     frames = num_frames(int(min(num_samples, self.max_samples)), self.fbank_options(resolution))
-    return patch_grid_of(frames, self.mel_bins, self.patch_shape)
+    return patch_grid(self.mel_bins, frames, self.patch_shape, at_least_one=True)
 
   def frame_samples(self, frames: int) -> int:
     """Samples spanning `frames` frames at the base frame shift."""
@@ -212,12 +214,19 @@ class PackedPlans:
 
 
 class PackedBatches:
-  """`map` transform: global batch position -> the packed batch (numpy arrays, see the module docstring)."""
+  """`map` transform: global batch position -> this host's block of the packed batch (numpy arrays, see the
+  module docstring). Every host plans the whole global batch (token dropout included, so the plan is the same
+  everywhere) but decodes only the clips of its own contiguous block of rows: rows [i R / N, (i + 1) R / N) of
+  R for host i of N."""
 
   def __init__(self, plans: PackedPlans, reader: WaveformReader, label_sets: Sequence[Sequence[int]],
-               num_classes: int, seed: int):
+               num_classes: int, seed: int, *, shard_index: int = 0, shard_count: int = 1):
+    if plans.spec.rows % shard_count:
+      raise ValueError(f"{plans.spec.rows} packed rows do not split over {shard_count} hosts")
     self.plans, self.reader, self.num_classes, self.seed = plans, reader, num_classes, seed
     self.label_sets = [tuple(labels) for labels in label_sets]
+    per_host = plans.spec.rows // shard_count
+    self.block = slice(shard_index * per_host, (shard_index + 1) * per_host)
 
   def __call__(self, position: int) -> dict[str, np.ndarray]:
     spec = self.plans.spec
@@ -227,60 +236,52 @@ class PackedBatches:
     members = [clip for row in rows for clip in row]
     grids = [plan.grids[clip] for clip in members]
     drop = spec.drop_rate if self.plans.sampler is not None else 0.0
+    # Dropout is drawn over the global batch's clips in order, so every host draws the same tokens.
     kept = keep_tokens(grids, drop, seed=int(np.random.SeedSequence([self.seed, int(position)]).generate_state(1)[0]))
     slots, start = [], 0
     for row in rows:
       slots.append(list(range(start, start + len(row))))
       start += len(row)
-    layout = lay_out(grids, kept, slots, spec.row_tokens, spec.max_clips)
-    shape = (spec.rows, spec.max_clips)
+    own_rows = rows[self.block]
+    layout = lay_out(grids, kept, slots[self.block], spec.row_tokens, spec.max_clips)
+    shape = (len(own_rows), spec.max_clips)
     batch = {"waveform": np.zeros(shape + (spec.max_samples,), np.float32),
              "num_samples": np.zeros(shape, np.int32), "label": np.zeros(shape + (self.num_classes,), np.float32),
              "clip_mask": np.zeros(shape, np.float32), "index": np.full(shape, -1, np.int32),
              "window_shift": np.full(shape, spec.window_shift(1.0), np.int32),
              "resolution": np.ones(shape, np.float32), "time_patches": np.ones(shape, np.int32)}
-    for row, clips in enumerate(rows):
+    for row, clips in enumerate(own_rows):
       for slot, clip in enumerate(clips):
-        if self.plans.sampler is None:  # evaluation: an unreadable clip is left out (skip mode), never doubled
-          try:
-            waveform, read_index = self.reader.decode(clip), clip
-          except AudioError as error:
-            if not self.reader.skip_bad:
-              raise
-            self.reader.count_failure(error)
-            logger.warning("Unreadable audio %s; left out of this evaluation", error)
-            continue
-        else:
-          waveform, read_index = self.reader.read(clip)
-        # The planned view; in skip mode a replacement clip is cut to fit the tokens planned for the original.
-        first = int(plan.start[clip]) if read_index == clip else 0
-        waveform = waveform[first:first + int(plan.num_samples[clip])]
-        batch["waveform"][row, slot, :len(waveform)] = waveform
-        batch["num_samples"][row, slot] = len(waveform)
-        batch["label"][row, slot] = multi_hot(self.label_sets[read_index], self.num_classes)
-        batch["clip_mask"][row, slot] = 1.0
-        batch["index"][row, slot] = read_index
-        batch["window_shift"][row, slot] = spec.window_shift(float(plan.resolution[clip]))
-        batch["resolution"][row, slot] = plan.resolution[clip]
-        batch["time_patches"][row, slot] = plan.grids[clip][1]
+        self._fill(batch, row, slot, clip, plan)
     batch.update(segment_ids=layout.segment_ids, freq_positions=layout.freq_positions,
                  time_positions=layout.time_positions)
     return batch
 
-
-class HostRows:
-  """`map` transform: a packed batch -> this host's contiguous block of rows (rows split evenly over hosts)."""
-
-  def __init__(self, shard_index: int, shard_count: int):
-    self.shard_index, self.shard_count = shard_index, shard_count
-
-  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    rows = batch["segment_ids"].shape[0]
-    if rows % self.shard_count:
-      raise ValueError(f"{rows} packed rows do not split over {self.shard_count} hosts")
-    per_host = rows // self.shard_count
-    block = slice(self.shard_index * per_host, (self.shard_index + 1) * per_host)
-    return {name: value[block] for name, value in batch.items()}
+  def _fill(self, batch: dict[str, np.ndarray], row: int, slot: int, clip: int, plan: EpochPlan) -> None:
+    """Decodes `clip` into slot `slot` of row `row` (left empty for an unreadable evaluation clip in skip mode)."""
+    spec = self.plans.spec
+    if self.plans.sampler is None:  # evaluation: an unreadable clip is left out (skip mode), never doubled
+      try:
+        waveform, read_index = self.reader.decode(clip), clip
+      except AudioError as error:
+        if not self.reader.skip_bad:
+          raise
+        self.reader.count_failure(error)
+        logger.warning("Unreadable audio %s; left out of this evaluation", error)
+        return
+    else:
+      waveform, read_index = self.reader.read(clip)
+    # The planned view; in skip mode a replacement clip is cut to fit the tokens planned for the original.
+    first = int(plan.start[clip]) if read_index == clip else 0
+    waveform = waveform[first:first + int(plan.num_samples[clip])]
+    batch["waveform"][row, slot, :len(waveform)] = waveform
+    batch["num_samples"][row, slot] = len(waveform)
+    batch["label"][row, slot] = multi_hot(self.label_sets[read_index], self.num_classes)
+    batch["clip_mask"][row, slot] = 1.0
+    batch["index"][row, slot] = read_index
+    batch["window_shift"][row, slot] = spec.window_shift(float(plan.resolution[clip]))
+    batch["resolution"][row, slot] = plan.resolution[clip]
+    batch["time_patches"][row, slot] = plan.grids[clip][1]
 
 
 def packed_train_iterator(plans: PackedPlans, reader: WaveformReader, label_sets: Sequence[Sequence[int]],
@@ -289,8 +290,8 @@ def packed_train_iterator(plans: PackedPlans, reader: WaveformReader, label_sets
   """The endless stream of this host's packed batches; checkpoint it as any Grain iterator (its state is the
   position)."""
   dataset = (grain.MapDataset.range(sys.maxsize)
-             .map(PackedBatches(plans, reader, label_sets, num_classes, seed))
-             .map(HostRows(shard_index, shard_count)))
+             .map(PackedBatches(plans, reader, label_sets, num_classes, seed, shard_index=shard_index,
+                                 shard_count=shard_count)))
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)))
 
 
@@ -299,6 +300,6 @@ def packed_eval_batches(plans: PackedPlans, reader: WaveformReader, label_sets: 
                         prefetch: int = 2) -> grain.IterDataset:
   """Every evaluation clip once (`plans` without a sampler), in fixed rows; empty slots have clip_mask 0."""
   dataset = (grain.MapDataset.range(len(plans.epoch(0).batches))
-             .map(PackedBatches(plans, reader, label_sets, num_classes, seed=0))
-             .map(HostRows(shard_index, shard_count)))
+             .map(PackedBatches(plans, reader, label_sets, num_classes, seed=0, shard_index=shard_index,
+                                 shard_count=shard_count)))
   return dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))

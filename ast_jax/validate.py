@@ -1,4 +1,4 @@
-"""Check a data set before training: `python -m ast_jax.data.validate --config=configs/X.py[:arg] [--config.k=v]`.
+"""Check a data set before training: `python -m ast_jax.validate --config=configs/X.py[:arg] [--config.k=v]`.
 
 Reads both splits' lists as training would, scans every audio file (`--scan=decode`: each file decoded once;
 `--scan=header`: headers only) and reports every problem, by kind, with its file: the same problems that
@@ -96,7 +96,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except Exception as error:  # noqa: BLE001 - flag errors, and whatever the config file's get_config raises
-    print(f"error: {error}\nusage: python -m ast_jax.data.validate --config=configs/X.py[:arg] "
+    print(f"error: {error}\nusage: python -m ast_jax.validate --config=configs/X.py[:arg] "
           "[--config.data.field=value] [--scan=decode|header] [--json=PATH]", file=sys.stderr)
     sys.exit(BAD_CONFIG)
 

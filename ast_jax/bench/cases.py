@@ -9,14 +9,15 @@ import gc
 import logging
 import os
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ast_jax.bench import flops
+from ast_jax.models import config_flops, family_of
+from ast_jax.train import throughput
 from ast_jax.bench.timing import measure
 from ast_jax.models.attention import resolve as resolve_attention
 
@@ -51,8 +52,12 @@ class Case:
   scan: str = "auto"  # aum: the selective scan implementation (models/ssm.py)
 
 
-BACKBONES = ("ast", "aum")
-# Each preset: (variant, frames, batch, stride[, backbone]) rows and the compute dtype. REFERENCE.md 7 has the CPU
+# The bench's backbone axis: how each turns the base recipe (an AST) into the case's model.
+BACKBONES: dict[str, Callable[[ml_collections.ConfigDict, Case], None]] = {
+    "ast": lambda config, case: None,
+    "aum": lambda config, case: _aum_case(config, case),
+}
+# Each preset: (variant, frames, batch, stride[, backbone]) rows and the compute dtype. docs/BACKGROUND.md section 7 has the CPU
 # numbers the `tiny` preset is compared with (1024 frames at stride 10: 1212 patches). `aum`: AuM-tiny against
 # AST-tiny (both width 192) on non-overlapping 16x16 patches, 256 to 16384 tokens (8 x frames / 16), batch 1.
 PRESETS: dict[str, tuple[str, tuple[tuple[str, int, int, int], ...]]] = {
@@ -81,9 +86,10 @@ def expand_cases(preset: str, *, variants: Sequence[str] = (), frames: Sequence[
   for field, values in axes:
     if values:
       cases = [dataclasses.replace(case, **{field: value}) for case in cases for value in values]
-  cases = [dataclasses.replace(case, scan_layers=scan_layers, width=width, depth=depth, num_heads=num_heads,
-                               scan=case.scan if case.backbone == "aum" else "auto")  # AST has no scan
+  cases = [dataclasses.replace(case, scan_layers=scan_layers, width=width, depth=depth, num_heads=num_heads)
            for case in cases]
+  # A backbone without a selective scan has no scan axis: its cases collapse to one.
+  cases = [case if _has_scan(case) else dataclasses.replace(case, scan="auto") for case in cases]
   return list(dict.fromkeys(cases))
 
 
@@ -95,14 +101,21 @@ def case_config(case: Case) -> ml_collections.ConfigDict:
   config.model.update(variant=case.variant, width=case.width, depth=case.depth, num_heads=case.num_heads,
                       fstride=case.stride, tstride=case.stride, dtype=case.dtype, attention=case.attention,
                       remat=case.remat, scan_layers=case.scan_layers)
-  if case.backbone == "aum":
-    from configs.common import aum
-
-    aum(config, case.variant, width=case.width, depth=case.depth, fstride=case.stride, tstride=case.stride,
-        scan=case.scan)
+  BACKBONES[case.backbone](config, case)
   config.audio.update(target_length=case.frames, num_mel_bins=MEL_BINS)
   config.num_classes = NUM_CLASSES
   return config
+
+
+def _aum_case(config: ml_collections.ConfigDict, case: Case) -> None:
+  from configs.common import aum
+
+  aum(config, case.variant, width=case.width, depth=case.depth, fstride=case.stride, tstride=case.stride,
+      scan=case.scan)
+
+
+def _has_scan(case: Case) -> bool:
+  return case.backbone in BACKBONES and "scan" in case_config(dataclasses.replace(case, scan="auto")).model
 
 
 def check_cases(cases: Sequence[Case]) -> None:
@@ -111,11 +124,11 @@ def check_cases(cases: Sequence[Case]) -> None:
 
   for case in cases:
     if case.backbone not in BACKBONES:
-      raise ValueError(f"{case}: backbone {case.backbone!r} is not one of {BACKBONES}")
+      raise ValueError(f"{case}: backbone {case.backbone!r} is not one of {tuple(BACKBONES)}")
     if case.scan not in SCANS:
       raise ValueError(f"{case}: scan {case.scan!r} is not one of {SCANS}")
     try:
-      flops.config_flops(case_config(case))
+      config_flops(case_config(case))
     except ValueError as error:
       raise ValueError(f"{case}: {error}") from error
 
@@ -216,25 +229,25 @@ def time_jax_case(case: Case, config: ml_collections.ConfigDict, device: jax.Dev
 def case_row(case: Case, config: ml_collections.ConfigDict, device: jax.Device, timings: dict[str, Any], *,
              warmup: int, repeats: int, peak_override: float = 0.0) -> dict[str, Any]:
   """One CSV row: the case, its timings and the throughput, FLOP rate and MFU derived from them."""
-  from ast_jax.models.ast import model_kwargs
   from ast_jax.models.aum import resolve_scan
 
-  counts = flops.config_flops(config)
-  aum = config.model.name == "aum"
+  counts = config_flops(config)
+  kwargs = family_of(config).kwargs(config)
   num_devices = 1  # the steps run unsharded on one device
   seconds = timings["ms_per_step"] / 1e3
   step_flops = counts["train_flops"] * case.batch
-  peak = flops.peak_flops_per_device(device, case.dtype, peak_override)
+  peak = throughput.peak_flops_per_device(device, case.dtype, peak_override)
   return dict(
       backbone=config.model.name, variant=case.variant, width=counts["width"], depth=counts["depth"],
-      num_heads=0 if aum else model_kwargs(config.model)["num_heads"], frames=case.frames, mel_bins=MEL_BINS,
+      num_heads=kwargs.get("num_heads", 0), frames=case.frames, mel_bins=MEL_BINS,
       patch_size=counts["patch_size"], fstride=case.stride, tstride=case.stride, tokens=counts["tokens"],
       batch=case.batch, dtype=case.dtype, remat=case.remat,
-      attention=f"scan={resolve_scan(config.model.scan)}" if aum else resolve_attention(case.attention, case.dtype),
+      attention=(f"scan={resolve_scan(config.model.scan)}" if "scan" in kwargs
+                 else resolve_attention(case.attention, case.dtype)),
       scan_layers=case.scan_layers,
       device=device.device_kind, num_devices=num_devices, examples_per_sec=case.batch / seconds,
       tokens_per_sec=case.batch * counts["tokens"] / seconds, train_gflops_per_example=counts["train_flops"] / 1e9,
-      tflops_per_sec=step_flops / seconds / 1e12, mfu=flops.mfu(step_flops, seconds, num_devices, peak),
+      tflops_per_sec=step_flops / seconds / 1e12, mfu=throughput.mfu(step_flops, seconds, num_devices, peak),
       warmup=warmup, repeats=repeats, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
       jax_version=jax.__version__, allocator="tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system",
       **timings)
@@ -282,8 +295,9 @@ def run_sweep(cases: Sequence[Case], out_dir: str, *, warmup: int = 2, repeats: 
   case, so an interrupted sweep keeps what it measured) and out_dir/bench.png. Returns the rows."""
   if compare not in (None, "", "torch"):
     raise ValueError(f"unknown comparison {compare!r}; only 'torch' is supported")
-  if compare and any(case.backbone != "ast" for case in cases):
-    raise ValueError("--compare=torch times transformers' AST: it applies to backbone 'ast' cases only")
+  # transformers' ASTForAudioClassification is the reference: families it can hold (weight format 'hf') compare.
+  if compare and any("hf" not in family_of(case_config(case)).weight_formats for case in cases):
+    raise ValueError("--compare=torch times transformers' AST: it applies to AST cases only (--backbones=ast)")
   if compare:
     from ast_jax.bench import torch_ref
 

@@ -1,7 +1,7 @@
 """Packing throughput: ElasticAST's train step on packed rows of real clips against a fixed-length AST padded to
 the longest clip, both timed through the trainer's own steps (front end on the device included).
 
-  python -m ast_jax.bench.packing --config=configs/fsdd.py:elastic --out=docs/bench/packing_cpu.csv
+  python -m ast_jax.bench.packed_vs_padded --config=configs/fsdd.py:elastic --out=docs/bench/packing_cpu.csv
 
 Cases: the ElasticAST recipe as configured (its resolutions q), the same at q = 1 only, and an AST with the same
 backbone and the same patches (non-overlapping, `model.patch_size`) with every clip padded to the longest clip of
@@ -28,6 +28,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from ast_jax.audio.patches import patch_of
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An ElasticAST config (model.name='elastic').",
                                           lock_config=False)
 _OUT = flags.DEFINE_string("out", "bench_out/packing/packing.csv", "CSV to write.")
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def padded_ast_config(config: ml_collections.ConfigDict, longest_frames: int, batch: int) -> ml_collections.ConfigDict:
   """The same backbone and patches as an AST: every clip padded to `longest_frames` (rounded up to whole patches)."""
-  patch, patch_time = config.model.patch_size, config.model.get("patch_time") or config.model.patch_size
+  patch, patch_time = patch_of(config.model)
   ast = ml_collections.ConfigDict(config.to_dict())
   ast.model.name = "ast"
   ast.model.update(fstride=patch, tstride=patch_time)
@@ -54,25 +56,23 @@ def time_case(name: str, config: ml_collections.ConfigDict, sources: Any) -> dic
   """Builds the trainer's state and step for `config` on one device and times it on real batches."""
   from ast_jax.audio import FrontEnd
   from ast_jax.audio.fbank import num_frames
-  from ast_jax.bench.flops import config_flops
   from ast_jax.data.inputs import build_input
-  from ast_jax.models import build_model
+  from ast_jax.models import build_model, config_flops, family_of
   from ast_jax.parallel import batch_sharding, global_batch, logical_rules, make_mesh, replicated, sharded_jit
   from ast_jax.train.optim import make_optimizer, make_schedule
-  from ast_jax.train.steps import make_packed_train_step, make_train_step
+  from ast_jax.train.steps import make_train_step
   from ast_jax.train.trainer import initial_state
 
   config.mesh.update(data=1, fsdp=1, tensor=1)
   mesh, rules = make_mesh(config.mesh, jax.devices()[:1]), logical_rules(config.sharding_rules)
-  inputs = build_input(config, sources)
+  inputs = build_input(config, sources, packed=family_of(config).packed_input)
   model = build_model(config)
   schedule = make_schedule(config.optim, inputs.steps_per_epoch, 10 * inputs.steps_per_epoch)
   tx = make_optimizer(config.optim, schedule)
   state, shardings = initial_state(config, model, tx, mesh, rules, jax.random.key(0))
-  make = make_packed_train_step if inputs.packed else make_train_step
-  step = sharded_jit(make(model, tx, schedule, config, jax.random.key(1)), mesh, rules,
-                     in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
-                     donate_argnums=(0,))
+  step = sharded_jit(make_train_step(model, tx, schedule, config, jax.random.key(1)), mesh, rules,
+                     in_shardings=(shardings, batch_sharding(mesh, rules)),
+                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
   iterator = inputs.train_iterator(config.seed)
   host_batches = [next(iterator) for _ in range(_BATCHES.value)]
   if inputs.packed:
@@ -82,13 +82,13 @@ def time_case(name: str, config: ml_collections.ConfigDict, sources: Any) -> dic
   else:  # real tokens: the patches holding a clip's own frames (at least one per frequency row)
     counts = config_flops(config)
     options = FrontEnd.from_config(config.audio).fbank_options()
-    clips = [float(b["mask"].sum()) for b in host_batches]
+    clips = [float(b["clip_mask"].sum()) for b in host_batches]
     def real(num_samples: int) -> int:
       return counts["freq"] * min(counts["time"], max(1, num_frames(int(num_samples), options) // config.model.tstride))
 
-    tokens = [float(sum(real(n) for n in b["num_samples"][b["mask"] > 0])) for b in host_batches]
+    tokens = [float(sum(real(n) for n in b["num_samples"][b["clip_mask"] > 0])) for b in host_batches]
     capacity = counts["num_patches"] * config.data.batch_size
-  batches = [global_batch(mesh, b) for b in host_batches]
+  batches = [global_batch(mesh, b, rules) for b in host_batches]
   start = time.perf_counter()
   state, metrics = step(state, batches[0])
   jax.block_until_ready(metrics)
@@ -129,11 +129,12 @@ def main(argv: list[str]) -> None:
   logging.getLogger("ast_jax").setLevel(logging.INFO)
   from ast_jax import data as data_lib
   from ast_jax.audio.fbank import num_frames
-  from ast_jax.data.inputs import is_packed, packing_spec
-  from ast_jax.data.packed import clip_lengths
+  from ast_jax.data.inputs import packing_spec
+  from ast_jax.data.packed_batches import clip_lengths
+  from ast_jax.models import family_of
 
   config = _CONFIG.value
-  if config is None or not is_packed(config):
+  if config is None or not family_of(config).packed_input:
     raise app.UsageError("--config must be an ElasticAST config (e.g. configs/fsdd.py:elastic)")
   sources = data_lib.build_sources(config)
   spec = packing_spec(config)

@@ -6,10 +6,11 @@ sizes: the tests ElasticAST and FlexiAST were built to pass.
   own length below it; at resolution q every clip is framed at q times the frame shift. One compiled step serves
   every q (the shift is data); each cap compiles once.
 - A fixed-length AST runs at input length = the cap, its positional table moved to that grid by upstream's rule
-  (`convert/posembed.py:adapt_pos_embed`: centre cut when shorter, interpolation when longer), as one would run
+  (`models/positions.py`, rule 'upstream': centre cut when shorter, interpolation when longer), as one would run
   an AST at another length; at resolution q its input keeps `audio.target_length` frames at the coarser shift.
 - Patch sizes (`config.eval_patch_sizes`, AST only): the model at patch p (square, or time-only with
-  `model.flexi_axes='time'`), its kernel PI-resized and its positional grid resized (`models/flexi.py`).
+  `model.flexi_axes='time'`), its kernel PI-resized (`models/flexi.py`) and its positional grid resized
+  (`models/positions.py`).
 
 Writes `<workdir>/sweep.csv`, `sweep.md` and `sweep.png`.
 """
@@ -23,7 +24,8 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
-import numpy as np
+
+from ast_jax.audio.patches import patch_of
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,9 @@ def sweep_points(config: ml_collections.ConfigDict) -> list[tuple[str, int | Non
 
 def patch_shape_of(config: ml_collections.ConfigDict, size: int) -> tuple[int, int]:
   """A swept patch size as (frequency, time): square, or time-only with `model.flexi_axes='time'`."""
-  return (config.model.patch_size, size) if config.model.get("flexi_axes", "both") == "time" else (size, size)
+  from ast_jax.models.flexi import flexi_shape
+
+  return flexi_shape(config, size)
 
 
 def run_sweep(config: ml_collections.ConfigDict, params: Any, inputs: Any, mesh: Any, rules: Any,
@@ -49,8 +53,8 @@ def run_sweep(config: ml_collections.ConfigDict, params: Any, inputs: Any, mesh:
   """Evaluates host `params` (in the training layout) at every sweep point; writes the table and the plot."""
   from ast_jax.models import build_model
   from ast_jax.parallel import batch_sharding, put_host_tree, sharded_jit
-  from ast_jax.train.steps import make_eval_step, make_packed_eval_step
-  from ast_jax.train.trainer import evaluate_params
+  from ast_jax.train.evaluate import evaluate_params
+  from ast_jax.train.steps import make_eval_step
 
   host = dict(shard_index=shard_index, shard_count=shard_count)
   records = []
@@ -59,14 +63,14 @@ def run_sweep(config: ml_collections.ConfigDict, params: Any, inputs: Any, mesh:
     if patch is not None:
       shape = patch_shape_of(config, patch)
       step = sharded_jit(make_eval_step(build_model(config), config, shape), mesh, rules,
-                         in_shardings=(param_shardings, batch_sharding(mesh)))
+                         in_shardings=(param_shardings, batch_sharding(mesh, rules)))
       point_params = put_host_tree(params, param_shardings)
       batches = inputs.eval_batches(**host)
       shown_length = config.audio.target_length
     elif inputs.packed:
       if packed_step is None:
-        packed_step = sharded_jit(make_packed_eval_step(build_model(config), config), mesh, rules,
-                                  in_shardings=(param_shardings, batch_sharding(mesh)))
+        packed_step = sharded_jit(make_eval_step(build_model(config), config), mesh, rules,
+                                  in_shardings=(param_shardings, batch_sharding(mesh, rules)))
         device_params = put_host_tree(params, param_shardings)
       step, point_params = packed_step, device_params
       batches = inputs.eval_batches(**host, length=length, resolution=resolution)
@@ -74,12 +78,12 @@ def run_sweep(config: ml_collections.ConfigDict, params: Any, inputs: Any, mesh:
     else:
       point = point_config(config, length, resolution)
       step = sharded_jit(make_eval_step(build_model(point), point), mesh, rules,
-                         in_shardings=(param_shardings, batch_sharding(mesh)))
+                         in_shardings=(param_shardings, batch_sharding(mesh, rules)))
       point_params = put_host_tree(moved_params(params, config, point), param_shardings)
       batches = inputs.eval_batches(**host, config=point)
       shown_length = point.audio.target_length
-    metrics = evaluate_params(step, point_params, batches, mesh)
-    own = patch_shape_of(config, config.model.get("patch_time") or config.model.patch_size)[1]
+    metrics = evaluate_params(step, point_params, batches, mesh, rules)
+    own = patch_of(config.model)[1]
     record = {"sweep": kind, "length": shown_length, "resolution": resolution or 1.0, "patch": patch or own,
               **metrics}
     records.append(record)
@@ -103,17 +107,14 @@ def point_config(config: ml_collections.ConfigDict, length: int | None, resoluti
 
 def moved_params(params: Any, config: ml_collections.ConfigDict, point: ml_collections.ConfigDict) -> Any:
   """`params` with the positional table moved from `config`'s patch grid to `point`'s."""
-  from ast_jax.convert.posembed import adapt_pos_embed
-  from ast_jax.models.ast import patch_grid
-
-  model = config.model
+  from ast_jax.audio.patches import patch_grid, patch_of, strides_of
+  from ast_jax.models.positions import resize_table
 
   def grid(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
-    return patch_grid(cfg.audio.num_mel_bins, cfg.audio.target_length, model.patch_size, model.fstride, model.tstride,
-                      model.get("patch_time", 0))
+    return patch_grid(cfg.audio.num_mel_bins, cfg.audio.target_length, patch_of(config.model), strides_of(config.model))
 
   moved = dict(params)
-  moved["pos_embed"] = adapt_pos_embed(np.asarray(params["pos_embed"]), grid(config), grid(point))
+  moved["pos_embed"] = resize_table(params["pos_embed"], grid(config), grid(point), rule="upstream")
   return moved
 
 

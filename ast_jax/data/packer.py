@@ -39,20 +39,6 @@ class PackedRows:
     return float(np.mean(self.segment_ids > 0))
 
 
-def patch_shape(patch: int | Sequence[int]) -> tuple[int, int]:
-  """(frequency, time) size of a patch given as one int (square) or a pair."""
-  freq, time = (patch, patch) if isinstance(patch, (int, np.integer)) else tuple(patch)
-  return int(freq), int(time)
-
-
-def patch_grid_of(frames: int, mel_bins: int, patch: int | Sequence[int]) -> tuple[int, int]:
-  """(frequency, time) patches of a clip; a clip shorter than one patch is padded to one patch in time."""
-  freq, time = patch_shape(patch)
-  if mel_bins < freq:
-    raise ValueError(f"{mel_bins} mel bins are fewer than one {freq}-bin patch")
-  return mel_bins // freq, max(1, frames // time)
-
-
 def kept_tokens(num_tokens: int, drop_rate: float) -> int:
   """Tokens a clip keeps under token dropout (at least one)."""
   return max(1, int(round(num_tokens * (1.0 - drop_rate))))

@@ -1,0 +1,95 @@
+"""The model-family registry: built-in families, a family added from outside in a few lines, and no comparison of
+a model's name anywhere but the registry."""
+
+from __future__ import annotations
+
+import ast as python_ast
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from ast_jax.models import build_model, config_flops, example_inputs, family_of, init_params
+from ast_jax.models.family import FAMILIES
+from ast_jax.train.config_checks import ConfigError, validate_config
+from configs import demo, fsdd
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("arg", ["smoke", "elastic_smoke"])
+def test_builtin_families_build_count_and_initialise(arg):
+  config = demo.get_config(arg)
+  family = family_of(config)
+  assert family.name == config.model.name and family.packed_input == (arg == "elastic_smoke")
+  params = init_params(build_model(config), jax.random.key(0), *example_inputs(config))
+  assert jax.tree.leaves(params)
+  counts = config_flops(config)
+  assert counts["train_flops"] == pytest.approx(3 * counts["forward_flops"]) and counts["tokens_per_step"] > 0
+
+
+def test_every_builtin_family_declares_formats_and_options():
+  for name in FAMILIES:
+    family = family_of(name)
+    assert family.name == name and "ast_jax" in family.weight_formats
+  assert family_of("ast").weight_formats == ("ast_jax", "hf", "original", "imagenet")
+
+
+def test_unknown_family_is_a_config_error_naming_the_families():
+  config = fsdd.get_config()
+  config.model.name = "vit22b"
+  with pytest.raises(ConfigError, match="'ast', 'elastic', 'aum'"):
+    validate_config(config)
+
+
+def test_an_option_a_family_lacks_is_refused_naming_who_has_it():
+  config = fsdd.get_config("aum_tiny")
+  config.model.flexi_patch_sizes = (8, 16)
+  with pytest.raises(ConfigError, match=r"any patch size \(ast\); model.name='aum' does not"):
+    validate_config(config)
+
+
+def test_a_family_from_outside_trains_one_step_through_main(tmp_path):
+  """tests/toy_family.py is all it takes: `--config.model.name` names its module."""
+  workdir = tmp_path / "toy"
+  command = [sys.executable, "-m", "ast_jax.main", "--config=configs/demo.py:smoke", f"--workdir={workdir}",
+             "--config.model.name=tests.toy_family", "--config.model.fstride=16", "--config.model.tstride=16",
+             "--config.train.max_steps=1", "--config.data.num_train_examples=8", "--config.data.num_eval_examples=4"]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+  assert record["step"] == 1 and record["num_examples"] == 4
+  written = json.loads((workdir / "model" / "ast_jax.json").read_text())
+  assert written["model"]["name"] == "tests.toy_family"
+
+
+def _name_comparisons(source: str, where: str) -> list[str]:
+  """Comparisons of something called `name` with a built-in family's name, e.g. `config.model.name == 'aum'`."""
+  tree = python_ast.parse(source)
+  found = []
+  for node in python_ast.walk(tree):
+    if not isinstance(node, python_ast.Compare):
+      continue
+    operands = [node.left, *node.comparators]
+    texts = [python_ast.unparse(operand) for operand in operands]
+    constants = [operand.value for operand in operands if isinstance(operand, python_ast.Constant)]
+    constants += [element.value for operand in operands if isinstance(operand, (python_ast.Tuple, python_ast.List))
+                  for element in operand.elts if isinstance(element, python_ast.Constant)]
+    if any(value in FAMILIES for value in constants) and any("name" in text for text in texts):
+      found.append(f"{where}:{node.lineno}: {python_ast.unparse(node)}")
+  return found
+
+
+def test_no_model_name_is_compared_outside_the_registry():
+  sources = [path for path in (ROOT / "ast_jax").rglob("*.py") if path.name != "family.py"]
+  found = [hit for path in sources for hit in _name_comparisons(path.read_text(), str(path.relative_to(ROOT)))]
+  assert not found, "ask the family instead (ast_jax/models/family.py):\n" + "\n".join(found)
+  # the scan finds the comparisons the registry replaced
+  for planted in ("if config.model.get('name', 'ast') == 'aum': pass", "ok = config.model.name in ('ast', 'aum')",
+                  "elastic = bundle.config.model.name != 'elastic'"):
+    assert _name_comparisons(planted, "planted"), planted
