@@ -41,12 +41,12 @@ def failure_message(error: Exception) -> str | None:
   a run stopped for non-finite numbers); None for a bug, which keeps its traceback."""
   from ast_jax.audio import AudioError
   from ast_jax.data import DataError
-  from ast_jax.train.checkpoint import CheckpointWriteError
+  from ast_jax.train.checkpoint import CheckpointMismatch, CheckpointWriteError
   from ast_jax.train.config_checks import ConfigError
   from ast_jax.train.trainer import TrainingStopped
 
   if isinstance(error, (ConfigError, DataError, AudioError, FileNotFoundError, TrainingStopped,
-                        CheckpointWriteError)):
+                        CheckpointWriteError, CheckpointMismatch)):
     return str(error)
   if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
     return (f"cannot write {error.filename or 'to the workdir'}: {error.strerror}. The checkpoints written so far "

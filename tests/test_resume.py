@@ -112,3 +112,21 @@ def test_sigkill_inside_the_second_phase_resumes_there(tmp_path):
   assert actual == expected
   for a, b in zip(jax.tree.leaves(final_params(straight)), jax.tree.leaves(final_params(resumed))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_and_left_in_place(tmp_path):
+  """A checkpoint written for another model (or the earlier fused attention layout) is intact: the run stops with
+  a message naming the first array that differs and how to go on; nothing is moved aside."""
+  from ast_jax.train.checkpoint import CheckpointMismatch, Checkpointer
+
+  fused = {"params": {"attn": {"qkv": np.ones((8, 24), np.float32)}}, "step": np.asarray(5, np.int32)}
+  per_head = {"params": {"attn": {"qkv": np.zeros((8, 3, 2, 4), np.float32)}}, "step": np.asarray(0, np.int32)}
+  checkpointer = Checkpointer(str(tmp_path / "checkpoints"), keep=2, async_save=False)
+  checkpointer.save(5, fused, None, {})
+  checkpointer.wait()
+  with pytest.raises(CheckpointMismatch, match=r"params/attn/qkv: saved \[8, 24\], model \[8, 3, 2, 4\]"):
+    checkpointer.restore(per_head, None)
+  assert checkpointer.latest_step() == 5 and not (tmp_path / "corrupt_checkpoints").exists()
+  state, _ = checkpointer.restore(fused, None)
+  np.testing.assert_array_equal(state["params"]["attn"]["qkv"], fused["params"]["attn"]["qkv"])
+  checkpointer.close()

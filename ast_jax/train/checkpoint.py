@@ -32,6 +32,11 @@ from ast_jax.train import faults
 log = logging.getLogger(__name__)
 
 
+class CheckpointMismatch(ValueError):
+  """The latest checkpoint is intact but holds a state of other shapes than the run's model: it was written for
+  another model config or by an earlier parameter layout. It is left where it is."""
+
+
 class CorruptCheckpoint(RuntimeError):
   """The latest checkpoint could not be restored and has been moved aside; the run restarts from the previous one."""
 
@@ -118,6 +123,14 @@ class Checkpointer:
     step = self.manager.latest_step()
     if step is None:
       return None
+    mismatch = _agree(self._shape_mismatch(step, state_template))
+    if mismatch is not None:
+      raise CheckpointMismatch(
+          f"checkpoint {step} in {self.directory} holds a state of other shapes than this run's model ({mismatch}): "
+          "it was written for another model config, or by an earlier ast_jax whose attention kernels were stored "
+          "fused. It is left as it is. Train in a new workdir, starting from its weights with "
+          f"--config.init_from=ast_jax:{os.path.dirname(self.directory)} (the optimiser state starts afresh), or "
+          "run the config that wrote it.")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
     items = dict(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
     if data_iterator is not None:
@@ -137,6 +150,22 @@ class Checkpointer:
     raise CorruptCheckpoint(f"checkpoint {step} in {self.directory} is unusable ({problem}); moved to "
                             f"{self.corrupt_directory}")
 
+  def _shape_mismatch(self, step: int, state_template: Any) -> str | None:
+    """The first array whose saved shape (from the checkpoint's metadata) differs from the template's, or that one
+    side lacks; None when they agree or the metadata cannot be read (then the restore itself judges the files)."""
+    try:
+      metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+      metadata = getattr(metadata, "item_metadata", metadata)
+      saved = _shapes(getattr(metadata, "tree", metadata))
+    except Exception:  # noqa: BLE001 - damaged metadata is the corrupt-checkpoint path's to report
+      return None
+    expected = _shapes(state_template)
+    for path in sorted(set(saved) | set(expected)):
+      if saved.get(path) != expected.get(path):
+        return (f"{path}: saved {list(saved[path]) if path in saved else 'absent'}, model "
+                f"{list(expected[path]) if path in expected else 'absent'}")
+    return None
+
   def _move_aside(self, step: int, problem: str) -> None:
     previous = [s for s in self.manager.all_steps() if s < step]
     log.warning("checkpoint %d is unusable: %s. Moving it to %s; %s", step, problem, self.corrupt_directory,
@@ -155,6 +184,13 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'/'-joined path -> shape of every array of a state (or of a checkpoint's metadata tree)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda leaf: hasattr(leaf, "shape"))[0]
+  return {"/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path):
+          tuple(int(size) for size in leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def _digest_problem(state: Any, meta: dict[str, Any]) -> str | None:
