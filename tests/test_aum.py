@@ -134,7 +134,8 @@ def test_model_adds_the_table_as_upstream_moves_the_cls_token():
 @pytest.mark.parametrize("width, bidirectional, millions", [(768, "fo_bi", 92.108), (384, "bi_bi", 25.539),
                                                             (192, "fo_bi", 6.438)])
 def test_parameter_counts_match_upstream(width, bidirectional, millions):
-  """docs/BACKGROUND.md section 5.1: base Fo-Bi 92.108 M, small Bi-Bi 25.539 M, tiny Fo-Bi 6.438 M at 128 x 1024, 527 classes."""
+  """docs/BACKGROUND.md section 5.1: base Fo-Bi 92.108 M, small Bi-Bi 25.539 M, tiny Fo-Bi 6.438 M at 128 x 1024,
+  527 classes."""
   model = AuM(num_classes=527, width=width, bidirectional=bidirectional)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1024, 128))))["params"]
   count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))

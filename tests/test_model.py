@@ -24,7 +24,8 @@ def abstract_params(model, frames=1024, mel_bins=128):
 
 def test_ast_base_audioset_size_and_tokens():
   params = abstract_params(AST(num_classes=527))
-  assert count(params) == pytest.approx(86.59e6, abs=0.005e6)  # docs/BACKGROUND.md section 1.2: 88.132 M less 1.538 M DeiT heads
+  # docs/BACKGROUND.md section 1.2: 88.132 M less 1.538 M DeiT heads
+  assert count(params) == pytest.approx(86.59e6, abs=0.005e6)
   assert params["pos_embed"].shape == (1, 1212 + 2, 768)
   assert patch_grid(128, 1024, 16, (10, 10)) == (12, 101)
   stride16 = abstract_params(AST(num_classes=527, fstride=16, tstride=16))

@@ -57,9 +57,10 @@ BACKBONES: dict[str, Callable[[ml_collections.ConfigDict, Case], None]] = {
     "ast": lambda config, case: None,
     "aum": lambda config, case: _aum_case(config, case),
 }
-# Each preset: (variant, frames, batch, stride[, backbone]) rows and the compute dtype. docs/BACKGROUND.md section 7 has the CPU
-# numbers the `tiny` preset is compared with (1024 frames at stride 10: 1212 patches). `aum`: AuM-tiny against
-# AST-tiny (both width 192) on non-overlapping 16x16 patches, 256 to 16384 tokens (8 x frames / 16), batch 1.
+
+# Each preset: (variant, frames, batch, stride[, backbone]) rows and the compute dtype. docs/BACKGROUND.md section 7
+# has the CPU numbers the `tiny` preset is compared with (1024 frames at stride 10: 1212 patches). `aum`: AuM-tiny
+# against AST-tiny (both width 192) on non-overlapping 16x16 patches, 256 to 16384 tokens (8 x frames / 16), batch 1.
 PRESETS: dict[str, tuple[str, tuple[tuple[str, int, int, int], ...]]] = {
     "tiny": ("float32", (("tiny", 1024, 4, 10), ("base", 1024, 2, 10))),
     "lengths": ("float32", tuple(("tiny", frames, 2, 10) for frames in (128, 256, 512, 1024, 2048))

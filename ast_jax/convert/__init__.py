@@ -1,4 +1,5 @@
-"""Weight formats: ast_jax model directories, Hugging Face AST, upstream AST .pth, ImageNet DeiT/ViT (see WORKSPACE.md)."""
+"""Weight formats: ast_jax model directories, Hugging Face AST, upstream AST .pth, ImageNet DeiT/ViT (see
+WORKSPACE.md)."""
 
 from ast_jax.convert.hf import load_hf, save_hf
 from ast_jax.convert.imagenet import imagenet_init, read_state_dict, sum_rgb_kernel

@@ -87,7 +87,8 @@ class PackedInput:
     self.steps_per_epoch = len(self.plans.epoch(0).batches)
     self.examples_per_step = len(sources.train) / self.steps_per_epoch
     self.train_reader, self.eval_reader = self._reader(sources.train), self._reader(sources.eval)
-    self.eval_plans: dict[packed_batches.PackingSpec, packed_batches.PackedPlans] = {}  # by evaluation spec: (length cap, q)
+    # Evaluation plans by spec (length cap, q): each is planned once.
+    self.eval_plans: dict[packed_batches.PackingSpec, packed_batches.PackedPlans] = {}
     packing_efficiency, padded_efficiency = self.plans.efficiency(0)
     self.efficiency = {"packing_efficiency": packing_efficiency, "padded_efficiency": padded_efficiency}
     log.info("packing: %d clips in %d batches of %d x %d tokens; %.1f %% of tokens are real (padding every clip "

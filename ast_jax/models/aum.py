@@ -1,4 +1,5 @@
-"""Audio Mamba (AuM; Erol et al. 2024): a bidirectional selective-scan backbone, no attention (docs/BACKGROUND.md section 5).
+"""Audio Mamba (AuM; Erol et al. 2024): a bidirectional selective-scan backbone, no attention (docs/BACKGROUND.md
+section 5).
 
 spectrogram [batch, frames, mel_bins] -> 16x16 patches (AST's tokeniser), frequency-major tokens -> a CLS token
 inserted at its position (middle by default) + learned positional embedding (row 0 = the CLS token) -> `depth`

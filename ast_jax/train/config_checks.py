@@ -77,8 +77,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   patch_freq, patch_time = patch_of(config.model)
   if config.audio.target_length < patch_time or config.audio.num_mel_bins < patch_freq:
     problems.append(f"audio.target_length={config.audio.target_length} x audio.num_mel_bins="
-                    f"{config.audio.num_mel_bins} is smaller than one {patch_freq}x{patch_time} patch (mel bins x frames), "
-                    "so the patch grid is empty: raise audio.target_length / audio.num_mel_bins or lower "
+                    f"{config.audio.num_mel_bins} is smaller than one {patch_freq}x{patch_time} patch (mel bins x "
+                    "frames), so the patch grid is empty: raise audio.target_length / audio.num_mel_bins or lower "
                     "model.patch_size / patch_time")
   if config.augment.freq_mask > config.audio.num_mel_bins:
     problems.append(f"augment.freq_mask={config.augment.freq_mask} exceeds audio.num_mel_bins")

@@ -1,5 +1,6 @@
-"""Multi-phase coarse-to-fine training (docs/BACKGROUND.md section 4): early phases on temporally compressed spectrograms, the
-last at full resolution, for the accuracy of full-resolution training at a fraction of its compute.
+"""Multi-phase coarse-to-fine training (docs/BACKGROUND.md section 4): early phases on temporally compressed
+spectrograms, the last at full resolution, for the accuracy of full-resolution training at a fraction of its
+compute.
 
 `config.train.phases` lists the phases as 'method:factor:epochs', optionally followed by ':field=value' overrides of
 `config.optim` for that phase, e.g. 'avg_pool:2:20, full:1:10:lr=2.5e-4'. Each phase trains the run's config with
@@ -193,8 +194,8 @@ def phases_problems(config: ml_collections.ConfigDict) -> list[str]:
   from ast_jax.models.family import TIME_COMPRESSION, families_with, family_of
 
   if TIME_COMPRESSION not in family_of(config).options:
-    problems.append(f"train.phases need a model family that takes compressed input ({', '.join(families_with(TIME_COMPRESSION))}); "
-                    f"model.name={config.model.name!r} does not")
+    problems.append("train.phases need a model family that takes compressed input "
+                    f"({', '.join(families_with(TIME_COMPRESSION))}); model.name={config.model.name!r} does not")
   if config.model.get("flexi_patch_sizes"):
     problems.append("train.phases do not combine with model.flexi_patch_sizes")
   if config.audio.get("time_pool", "none") != "none":
