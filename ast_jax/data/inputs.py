@@ -82,8 +82,8 @@ class PackedInput:
     self.eval_lengths = packed_batches.clip_lengths(sources.eval, self.spec.sample_rate)
     label_sets = [example.labels for example in sources.train]
     weights = balanced_weights(label_sets, config.num_classes) if config.data.balanced_sampling else None
-    self.plans = packed_batches.PackedPlans(self.train_lengths, EpochSampler(len(sources.train), config.seed, weights),
-                                    self.spec, seed=config.seed)
+    sampler = EpochSampler(len(sources.train), config.seed, weights)
+    self.plans = packed_batches.PackedPlans(self.train_lengths, sampler, self.spec, seed=config.seed)
     self.steps_per_epoch = len(self.plans.epoch(0).batches)
     self.examples_per_step = len(sources.train) / self.steps_per_epoch
     self.train_reader, self.eval_reader = self._reader(sources.train), self._reader(sources.eval)
@@ -113,9 +113,10 @@ class PackedInput:
     if spec not in self.eval_plans:  # planned once per length cap and resolution, reused by every pass
       self.eval_plans[spec] = packed_batches.PackedPlans(self.eval_lengths, None, spec)
     plans = self.eval_plans[spec]
-    return packed_batches.packed_eval_batches(plans, self.eval_reader, [e.labels for e in self.sources.eval],
-                                      self.config.num_classes, shard_index=shard_index, shard_count=shard_count,
-                                      read_threads=_threads(), prefetch=max(2, self.config.data.prefetch_buffer_size))
+    return packed_batches.packed_eval_batches(
+        plans, self.eval_reader, [e.labels for e in self.sources.eval], self.config.num_classes,
+        shard_index=shard_index, shard_count=shard_count, read_threads=_threads(),
+        prefetch=max(2, self.config.data.prefetch_buffer_size))
 
 
 def build_input(config: ml_collections.ConfigDict, sources: Sources, *, packed: bool) -> FixedInput | PackedInput:
