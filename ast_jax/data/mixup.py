@@ -22,7 +22,7 @@ def mix_waveforms(
   """
   mixed = mix_lambda * waveform + (1.0 - mix_lambda) * match_length(partner, len(waveform))
   mixed_label = mix_lambda * label + (1.0 - mix_lambda) * partner_label
-  return (mixed - mixed.mean()).astype(np.float32), mixed_label.astype(np.float32)
+  return (mixed - mixed.mean()).astype(np.float32, copy=False), mixed_label.astype(np.float32)
 
 
 def draw_mixup(

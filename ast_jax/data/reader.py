@@ -15,7 +15,7 @@ import numpy as np
 
 from ast_jax.audio.io import AudioError, load_audio, remove_mean
 from ast_jax.data import demo
-from ast_jax.data.mixup import draw_mixup, match_length, mix_waveforms
+from ast_jax.data.mixup import draw_mixup, mix_waveforms
 from ast_jax.data.sources import Example
 
 logger = logging.getLogger(__name__)
@@ -88,9 +88,13 @@ def multi_hot(labels: Sequence[int], num_classes: int) -> np.ndarray:
 
 def make_record(waveform: np.ndarray, label: np.ndarray, index: int, clip_samples: int, mask: float = 1.0) -> dict:
   """Pads or cuts `waveform` to `clip_samples` and packs the record: one row holding one clip slot."""
+  kept = min(len(waveform), clip_samples)
+  row = np.empty((1, clip_samples), np.float32)  # one copy of the clip: cut or padded in place
+  row[0, :kept] = waveform[:kept]
+  row[0, kept:] = 0.0
   return {
-      "waveform": match_length(waveform, clip_samples).astype(np.float32)[None],
-      "num_samples": np.asarray([min(len(waveform), clip_samples)], np.int32),
+      "waveform": row,
+      "num_samples": np.asarray([kept], np.int32),
       "label": label.astype(np.float32)[None],
       "clip_mask": np.asarray([mask], np.float32),
       "index": np.asarray([index], np.int32),
