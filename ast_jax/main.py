@@ -1,6 +1,8 @@
 """Train and evaluate: `python -m ast_jax.main --config=configs/X.py[:arg] [--config.key=value] [--workdir=DIR]`.
 
-Re-running the same command resumes from the latest checkpoint in the workdir.
+Re-running the same command resumes from the latest checkpoint in the workdir. A run stopped by SIGTERM (a
+scheduler's preemption or time-limit notice) saves a checkpoint where it stops and exits with status 75
+(`ast_jax.train.preemption.PREEMPTED_EXIT_CODE`); the launch scripts run it again (launch/README.md).
 """
 
 from __future__ import annotations
@@ -64,12 +66,18 @@ def main(argv: list[str]) -> None:
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None)
-  from ast_jax.train.trainer import train_and_evaluate  # after distributed init: it touches devices
+  from ast_jax.train.preemption import PREEMPTED_EXIT_CODE
+  from ast_jax.train.trainer import Preempted, train_and_evaluate  # after distributed init: it touches devices
 
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().partition("=")[2])
   logging.getLogger("ast_jax").info("workdir %s", os.path.abspath(workdir))
   try:
     record = train_and_evaluate(_CONFIG.value, workdir)
+  except Preempted as stop:
+    print(f"preempted: checkpoint of step {stop.step} saved in {workdir}; run the same command to resume",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(PREEMPTED_EXIT_CODE)  # at once, as on a failure below: no wait in jax.distributed's shutdown
   except Exception as error:  # noqa: BLE001 - bad input or a run that stopped itself: the message, no traceback
     message = failure_message(error)
     if message is None:

@@ -17,6 +17,8 @@ REPO_URL=${REPO_URL:-}                     # empty: copy this checkout (uncommit
 BRANCH=${BRANCH:-main}
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}     # the runtime images ship Python 3.10; JAX needs a newer one
 DETACH=${DETACH:-0}                        # 1: train in the background on the workers, log to ~/ast_jax_train.log
+RESUMES=${RESUMES:-10}                     # 'train' runs again after a preemption (exit status 75), this often
+PREEMPTED=75                               # the exit status of a run stopped by SIGTERM with its checkpoint saved
 REMOTE_DIR=ast_jax                         # on every worker, under $HOME
 VENV=ast_jax_venv
 
@@ -29,13 +31,19 @@ stages:
   create   gcloud compute tpus tpu-vm create \$NAME, unless it exists
   setup    copy (or clone) the repository to every worker, install requirements.txt and jax[tpu] in ~/$VENV,
            mount gs://\$BUCKET at \$MOUNT when BUCKET is set
-  train    run 'python -m ast_jax.main --distributed --config=\$CONFIG --workdir=\$WORKDIR [flags]' on all workers
+  train    run 'python -m ast_jax.main --distributed --config=\$CONFIG --workdir=\$WORKDIR [flags]' on all workers;
+           after a preemption (exit status $PREEMPTED) wait until the slice is READY and run it again, up to
+           \$RESUMES times
   logs     tail ~/ast_jax_train.log on every worker (DETACH=1 runs)
-  stop     stop a DETACH=1 run (the pid each worker recorded)
+  stop     stop a DETACH=1 run (SIGTERM to the pid each worker recorded: it saves a checkpoint first)
   delete   delete the slice
 
 The workdir must be one directory that every worker reads and writes (checkpoints are written by all workers,
 metrics.jsonl by worker 0): a gcsfuse mount (BUCKET=...) or an NFS/Filestore mount. Re-running 'train' resumes.
+
+Preemption: SIGTERM to any worker's run (a maintenance event, a spot VM being reclaimed, 'stop') makes every worker
+stop after the same step, save a checkpoint there and exit with status $PREEMPTED; 'train' then resumes it once the
+slice is READY again. A slice in state PREEMPTED must be recreated ('delete', then 'all'); 'train' resumes there.
 example:
   BUCKET=my-bucket CONFIG=configs/audioset.py $0 all -- --config.data.train_datafile=$MOUNT/data/train.json
 EOF
@@ -107,13 +115,46 @@ train() {
   command="cd ~/$REMOTE_DIR && ~/$VENV/bin/python -m ast_jax.main --distributed $(printf '%q ' \
     "--config=$CONFIG" "--workdir=$WORKDIR" "${EXTRA_FLAGS[@]}")"
   if [[ "$DETACH" == 1 ]]; then
-    # The run outlives this ssh session; each worker keeps its own log and pid.
+    # The run outlives this ssh session; each worker keeps its own log and pid. A preempted run ends with status
+    # $PREEMPTED in the log; 'train' again resumes it.
     on_all_workers "nohup setsid bash -c $(printf '%q' "$command") > ~/ast_jax_train.log 2>&1 < /dev/null &
       echo \$! > ~/ast_jax_train.pid; echo started \$(hostname) pid \$(cat ~/ast_jax_train.pid)"
     echo "follow with: $0 logs"
-  else
-    on_all_workers "$command"
+    return
   fi
+  # Each worker prints its run's exit status: the ssh command's own status does not say which worker ended how.
+  local output status resume
+  output=$(mktemp)
+  for resume in $(seq 0 "$RESUMES"); do
+    status=0
+    on_all_workers "$command; status=\$?; echo \"ast_jax exit status \$status\"; exit \$status" 2>&1 |
+      tee "$output" || status=$?
+    if ! grep -q "ast_jax exit status $PREEMPTED" "$output"; then
+      rm -f "$output"
+      return "$status"
+    fi
+    echo "$(date) preempted: the checkpoint is saved (resume $((resume + 1)) of $RESUMES)"
+    wait_until_ready && mount_bucket
+  done
+  rm -f "$output"
+  echo "error: preempted $((RESUMES + 1)) times; run '$0 train' to resume" >&2
+  return "$PREEMPTED"
+}
+
+wait_until_ready() {
+  local state
+  for _ in $(seq 120); do  # an hour
+    state=$(tpu describe "$NAME" --format='value(state)' 2>/dev/null || true)
+    case "$state" in
+      READY) return 0 ;;
+      PREEMPTED|TERMINATED) echo "error: TPU VM $NAME is $state: recreate it ('$0 delete', then '$0 all')" >&2
+                            exit "$PREEMPTED" ;;
+    esac
+    echo "$(date) TPU VM $NAME is ${state:-unreachable}; waiting until it is READY"
+    sleep 30
+  done
+  echo "error: TPU VM $NAME is still not READY after an hour; run '$0 train' to resume" >&2
+  exit "$PREEMPTED"
 }
 
 case "$STAGE" in

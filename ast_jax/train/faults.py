@@ -6,8 +6,12 @@ Off unless the environment variable `AST_JAX_FAULTS` is set; then a comma-separa
   kill@eval:S      SIGKILL inside the evaluation at step S, after its first batch
   kill@save:S      SIGKILL while the asynchronous checkpoint save of step S is writing its files
   nan@step:S[-E]   the waveforms of the batches of steps S..E (1-based) are NaN: a non-finite loss and gradient
+  term@step:S      SIGTERM right after train step S is dispatched: a scheduler's preemption notice, which the run
+                   answers with a checkpoint and exit status 75 (train/preemption.py, tests/test_preemption.py)
 
-A kill is the process's own SIGKILL: nothing runs after it (no finally, no atexit), as on a preempted machine.
+A kill is the process's own SIGKILL: nothing runs after it (no finally, no atexit), as on a preempted machine. A
+term is the process's own SIGTERM, as a scheduler sends it ahead of the kill; in a multi-process run the variable
+can be set for one process only, and every process stops at the same step.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 ENV = "AST_JAX_FAULTS"
-KINDS = {("kill", "step"), ("kill", "eval"), ("kill", "save"), ("nan", "step")}
+KINDS = {("kill", "step"), ("kill", "eval"), ("kill", "save"), ("nan", "step"), ("term", "step")}
 
 
 def parse(spec: str) -> dict[tuple[str, str], set[int]]:
@@ -62,6 +66,9 @@ def after_step(step: int) -> None:
   """Called right after train step `step` is dispatched (its computation is still running)."""
   if armed("kill", "step", step):
     kill(f"during train step {step}")
+  if armed("term", "step", step):
+    log.warning("fault injected: SIGTERM during train step %d", step)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def poison(batch: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
