@@ -1,5 +1,6 @@
 """The allocator restart: when it happens, and that a restarted command runs with tcmalloc."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -31,3 +32,15 @@ def test_entry_point_restarts_with_tcmalloc():
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   loaded, preload = done.stdout.split()
   assert loaded == "True" and "tcmalloc" in preload
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_libtpu_installed_without_a_tpu_leaves_cpu_runs_quiet():
+  """requirements-tpu.txt installs libtpu for pod compiles; on a machine without TPUs, importing ast_jax keeps JAX
+  from starting it (which prints libtpu's start-up errors), and JAX_PLATFORMS set by the user is left alone."""
+  env = {key: value for key, value in os.environ.items() if key not in ("JAX_PLATFORMS", "JAX_FORCE_TPU_INIT")}
+  program = "import ast_jax, jax; print(jax.default_backend(), len(jax.devices()))"
+  done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, check=True,
+                        timeout=120)
+  assert done.stdout.split() == ["cpu", "1"]
+  assert "TPU" not in done.stderr and "libtpu" not in done.stderr, done.stderr

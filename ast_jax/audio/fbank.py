@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ast_jax import target
+
 WINDOW_TYPES = ("hanning", "hamming", "povey", "rectangular", "blackman")
 # Most frame-gather slices worth unrolling; beyond it one index gather is cheaper to compile and run.
 _MAX_FRAME_SLICES = 8
@@ -281,7 +283,7 @@ def batch_features(waveforms: jax.Array, num_samples: jax.Array, options: FbankO
   picks it on CPU, where one clip's frames and spectra stay in cache (about 3x faster there).
   """
   if per_clip is None:
-    per_clip = jax.default_backend() == "cpu"
+    per_clip = target.platform() == "cpu"
   if per_clip:
     keys = jax.random.split(rng, waveforms.shape[0]) if rng is not None else None
     fbank = jax.lax.map(lambda clip: frames_to_fbank(extract_frames(clip[0], options), options, clip[1]),
@@ -310,7 +312,7 @@ def batch_features_at(waveforms: jax.Array, num_samples: jax.Array, window_shift
   if not options.snip_edges:
     raise ValueError("per-clip frame shifts need snip_edges=True")
   if per_clip is None:
-    per_clip = jax.default_backend() == "cpu"
+    per_clip = target.platform() == "cpu"
   samples, size = waveforms.shape[-1], options.window_size
   window_shifts = jnp.asarray(window_shifts, jnp.int32)
   offsets = jnp.arange(size, dtype=jnp.int32)[None, :]

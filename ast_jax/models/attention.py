@@ -24,6 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ast_jax import target
+
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn")
 BLOCK_QUERIES = 256  # on a 2-core CPU at 1212 tokens 64 and 128 were slower, 256 to 512 alike (256 x 1214: 1.2 MB)
 UNROLL_BLOCKS = 8  # a row's block loop unrolled (up to 8 blocks): loop overhead was ~15 % of attention time on CPU
@@ -35,7 +37,7 @@ def resolve(implementation: str, dtype: jnp.dtype) -> str:
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
   if implementation != "auto":
     return implementation
-  backend = jax.default_backend()
+  backend = target.platform()
   if backend == "cpu":
     return "blockwise"
   if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ast_jax import target
 from ast_jax.audio.patches import patch_grid, patch_of, stored_patch, strides_of
 from ast_jax.models import flops as flops_lib
 from ast_jax.models.family import Family
@@ -49,7 +50,7 @@ def resolve_scan(scan: str) -> str:
   `chunked` on GPU/TPU, where a step-by-step loop would launch kernels per step."""
   if scan != "auto":
     return scan
-  return "recompute" if jax.default_backend() == "cpu" else "chunked"
+  return "recompute" if target.platform() == "cpu" else "chunked"
 
 
 def cls_positions(num_patches: int, cls_position: str) -> tuple[int, ...]:
