@@ -20,17 +20,18 @@ from ast_jax.data.inputs import build_input
 from ast_jax.models import build_model, config_flops, example_inputs, family_of
 from ast_jax.models.flexi import flexi_patch_probs, flexi_patch_sizes
 from ast_jax.models.layers import to_layout, unscan_layers
-from ast_jax.parallel import (batch_sharding, create_sharded, data_parallel_size, global_batch, logical_rules,
-                              make_mesh, put_host_tree, replicated, sharded_jit, to_host)
+from ast_jax.parallel import (create_sharded, data_parallel_size, global_batch, logical_rules,
+                              make_mesh, put_host_tree, to_host)
 from ast_jax.parallel.sharding import partitioning, shardings_of
 from ast_jax.train import state as state_lib
 from ast_jax.train import faults
+from ast_jax.train.batch_scaling import scale_to_mesh
 from ast_jax.train.checkpoint import Checkpointer, CorruptCheckpoint
 from ast_jax.train.config_checks import ConfigError, validate_config
 from ast_jax.train.evaluate import evaluate_params
-from ast_jax.train.optim import make_optimizer, make_schedule
 from ast_jax.train.phases import PhasePlan, carry_params, phase_of_checkpoint, plan_phases
-from ast_jax.train.steps import make_eval_step, make_train_step
+from ast_jax.train.preemption import PreemptionWatch
+from ast_jax.train.programs import phase_programs, state_init
 from ast_jax.train.eval_sweep import run_sweep
 from ast_jax.train.throughput import Throughput, peak_flops_per_device
 from ast_jax.train.workdir import check_workdir, checkpoint_bytes
@@ -41,6 +42,15 @@ log = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
   """The run stopped itself: too many consecutive updates skipped for non-finite numbers. Checkpoints are intact."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM (a scheduler's preemption or time-limit notice, train/preemption.py) stopped the run after train step
+  `step`, once its checkpoint at that step was complete; running the same command again resumes there."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted after step {step}, whose checkpoint is complete; run the same command to resume")
+    self.step = step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -58,6 +68,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = make_mesh(config.mesh)
   except ValueError as error:  # e.g. a mesh needing more devices than there are
     raise ConfigError(str(error)) from None
+  config, note = scale_to_mesh(config, mesh, logical_rules(config.sharding_rules), jax.process_count())
+  if note:
+    log.info("%s", note)
   check_batch_divides(config, mesh, logical_rules(config.sharding_rules))
   check_workdir(workdir, checkpoint_bytes(config))
   while True:
@@ -99,7 +112,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Any) -> dict[s
       state, record, shardings = run.phase(plan, carried)
       if plan.index + 1 < len(plans) and int(state.step) == plan.end_step:
         carried = carry_params(to_host(state.params), plan.config, plans[plan.index + 1].config)
-  except (CorruptCheckpoint, TrainingStopped):
+  except (CorruptCheckpoint, TrainingStopped, Preempted):
     run.progress.close()
     run.close()  # waits for saves in flight: the checkpoints written so far stay complete
     raise
@@ -143,24 +156,19 @@ class _Run:
     self.progress = Progress(total_steps, self.latest_step, config.train.log_every_steps, config.train.progress_bar)
     self.phase_seconds: list[float] = []  # training seconds per phase so far (epochs' step time, compilation too)
     self.eval_step: Any = None
+    self.preemption = PreemptionWatch()  # last: a failure above would leave its SIGTERM handler in place
 
   def phase(self, plan: PhasePlan, carried: Any) -> tuple[state_lib.TrainState, dict[str, Any], Any]:
     """Trains one phase from where the run stands (a checkpoint inside it, the previous phase's weights, or a fresh
     start) to its end or `total_steps`. Returns (state, last evaluation record, state shardings)."""
     config, mesh, rules, inputs = plan.config, self.mesh, self.rules, self.inputs
     steps_per_epoch, num_phases = inputs.steps_per_epoch, len(self.plans)
-    model = build_model(config)
-    # The schedule restarts in every phase: the optimiser counts its own steps from 0 in a fresh state, and the
-    # logged lr reads the phase's schedule at (run step - phase start).
-    phase_schedule = make_schedule(config.optim, steps_per_epoch, plan.steps)
-    tx = make_optimizer(config.optim, phase_schedule)
-
-    def schedule(step: Any) -> Any:
-      return phase_schedule(step - plan.first_step)
-
+    programs = phase_programs(config, mesh, rules, self.train_rng, steps_per_epoch, plan.steps, plan.first_step)
+    model, tx = programs.model, programs.tx
     first_avg, last_avg = config.train.average_weights
-    state, state_shardings = initial_state(config, model, tx, mesh, rules, self.init_rng,
-                                           params=carried, step=plan.first_step, load_init=plan.index == 0)
+    state, _ = initial_state(config, model, tx, mesh, rules, self.init_rng, params=carried, step=plan.first_step,
+                             load_init=plan.index == 0)
+    state_shardings = programs.state_shardings
     flops = config_flops(config)
     peak = peak_flops_per_device(jax.devices()[0], config.model.dtype, config.train.peak_flops)
     where = f"phase {plan.index + 1}/{num_phases} ({plan.phase.name}), " if num_phases > 1 else ""
@@ -170,20 +178,11 @@ class _Run:
              "row" if inputs.packed else "example", dict(mesh.shape), steps_per_epoch, plan.first_step,
              plan.end_step, self.total_steps)
 
-    # Steps, jitted once, traced under the mesh and the logical axis rules.
-    data_sharding = batch_sharding(mesh, rules)
-    run_patch = tuple(config.model.get("run_patch", ())) or None  # a 'patch' phase: the kernel at another shape
-
-    def compile_train_step(*patch: tuple[int, int]) -> Any:
-      return sharded_jit(make_train_step(model, tx, schedule, config, self.train_rng, *patch), mesh, rules,
-                         in_shardings=(state_shardings, data_sharding),
-                         out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
-
-    # FlexiAST: a patch shape drawn per step, one compiled step per shape (each compiled on first use, then reused).
-    flexi_steps = PatchSteps(compile_train_step) if flexi_patch_sizes(config) else None
-    train_step = None if flexi_steps else compile_train_step(*([run_patch] if run_patch else []))
-    eval_fn = make_eval_step(model, config, run_patch)
-    self.eval_step = sharded_jit(eval_fn, mesh, rules, in_shardings=(state_shardings.params, data_sharding))
+    # Steps (train/programs.py), jitted once, traced under the mesh and the logical axis rules. FlexiAST: a patch
+    # shape drawn per step, one compiled step per shape (each compiled on first use, then reused).
+    flexi_steps = PatchSteps(programs.train_step) if flexi_patch_sizes(config) else None
+    train_step = None if flexi_steps else programs.train_step()
+    self.eval_step = programs.eval_step
 
     # Restore: a checkpoint written in this phase (a later phase starts from the carried weights).
     if plan.first_step < self.latest_step <= plan.end_step:
@@ -198,6 +197,7 @@ class _Run:
     # Loop.
     end_step = min(plan.end_step, self.total_steps)
     epoch_start_time, epoch_start_step, last_loss = time.perf_counter(), start_step, None
+    saved_step = start_step  # the step of the latest checkpoint save
     logged_efficiency: list[float] = []  # packed batches' measured share of real tokens, at the logged steps
     throughput = Throughput(inputs.examples_per_step, flops["tokens_per_step"], flops["train_flops_per_step"], peak,
                             jax.device_count())
@@ -238,11 +238,20 @@ class _Run:
           record = self.evaluate(plan, state.params, done, epoch, self.epoch_stats)
         self.checkpointer.save(done, state, self.train_iter,
                                {**self.run_meta, "epoch": epoch, "phase_seconds": self.phase_seconds})
-        epoch_start_time, epoch_start_step = time.perf_counter(), done
+        epoch_start_time, epoch_start_step, saved_step = time.perf_counter(), done, done
       elif config.train.checkpoint_every_steps and done % config.train.checkpoint_every_steps == 0:
         self.check_skips(state, done)
         self.checkpointer.save(done, state, self.train_iter,
                                {**self.run_meta, "epoch": epoch - 1, "phase_seconds": self.phase_seconds})
+        saved_step = done
+      if self.preemption.should_stop(done):  # SIGTERM: every process stops here, after the same step
+        jax.block_until_ready(state)
+        if saved_step != done:  # else the epoch's end or a periodic checkpoint has just saved this step
+          self.check_skips(state, done)
+          self.checkpointer.save(done, state, self.train_iter,
+                                 {**self.run_meta, "epoch": epoch - 1, "phase_seconds": self.phase_seconds})
+        self.checkpointer.wait()
+        raise Preempted(done)
     if num_phases > 1 and int(state.step) == plan.end_step:
       log.info("phase %d/%d (%s) done: %d epochs, %.3g TFLOP, %.1f s of training", plan.index + 1, num_phases,
                plan.phase.name, plan.phase.epochs, self.phase_flops(plan.end_step)[plan.index] / 1e12,
@@ -284,6 +293,7 @@ class _Run:
     return record
 
   def close(self) -> None:
+    self.preemption.close()
     self.checkpointer.wait()
     self.checkpointer.close()
     self.writer.close()
@@ -308,13 +318,8 @@ def initial_state(config: ml_collections.ConfigDict, model: Any, tx: Any, mesh: 
   """The train state created directly in its shards: from host `params` (the previous phase's weights) at run step
   `step` with a fresh optimiser, else a random init, then `config.init_from` when set and `load_init`.
   Returns (state, its shardings)."""
-  example = example_inputs(config)
   average = config.train.average_weights[0] > 0
-
-  def init(rng: jax.Array) -> state_lib.TrainState:
-    return state_lib.create_train_state(model.init(rng, *example)["params"], tx, average)
-
-  state, shardings = create_sharded(init, mesh, rules, rng)
+  state, shardings = create_sharded(state_init(config, model, tx), mesh, rules, rng)
   if params is None and config.init_from and load_init:
     template = unscan_layers(to_host(state.params))
     params = to_layout(initial_params(config.init_from, template, config), config.model.scan_layers)
@@ -361,9 +366,11 @@ class PatchSteps:
     return state, metrics
 
 
-def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any, rules: Any = None) -> None:
+def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any, rules: Any = None,
+                        process_count: int | None = None) -> None:
   """The global batch must split evenly over the data-parallel devices, the processes and the micro-batches."""
   dp, accum = data_parallel_size(mesh, rules), config.train.grad_accum_steps
+  processes = jax.process_count() if process_count is None else process_count
   if family_of(config).packed_input:  # the batch is packed rows of clips
     sizes = (("packing.rows", config.packing.rows),
              ("packing.eval_rows", config.packing.eval_rows or config.packing.rows))
@@ -371,11 +378,13 @@ def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any, rules: Any
     sizes = (("data.batch_size", config.data.batch_size),
              ("data.eval_batch_size", config.data.eval_batch_size or config.data.batch_size))
   for name, size in sizes:
-    unit = math.lcm(dp, jax.process_count())
+    unit = math.lcm(dp, processes)
     if size % unit:
       raise ConfigError(f"config.{name}={size} does not split evenly over the {dp} data-parallel devices (mesh "
-                        f"{dict(mesh.shape)}) and {jax.process_count()} process(es): set it to a multiple of {unit} "
-                        f"(e.g. --config.{name}={max(unit, size // unit * unit)}), or change config.mesh")
+                        f"{dict(mesh.shape)}) and {processes} process(es): set it to a multiple of {unit} "
+                        f"(e.g. --config.{name}={max(unit, size // unit * unit)}), train on a batch per device "
+                        "(e.g. --config.batch_scaling.per_device=8: ast_jax/train/batch_scaling.py), or change "
+                        "config.mesh")
   unit = accum * dp
   name, size = sizes[0]
   if size % unit:
