@@ -171,6 +171,10 @@ def base_config() -> ml_collections.ConfigDict:
   # logical axis names carried by parameters and activations to mesh axes (ast_jax/parallel/sharding.py).
   # The default is FSDP over `fsdp` and Megatron tensor parallelism over `tensor` (heads and MLP columns).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # The batch on many devices (ast_jax/train/batch_scaling.py): where the recipe's global batch does not split over
+  # the data-parallel devices, train on `per_device` clips (packed input: rows) per device, the lr scaled by
+  # `lr_rule` (sqrt | linear | none), the warm-up kept in examples but at least `min_warmup_steps`. 0: stop instead.
+  config.batch_scaling = ml_collections.ConfigDict(dict(per_device=0, lr_rule="sqrt", min_warmup_steps=200))
   config.sharding_rules = (
       # Activations. `batch` also places every input batch: its leading dimension split over these axes.
       ("batch", ("data", "fsdp")),

@@ -17,6 +17,7 @@ from ast_jax.models.flexi import FLEXI_AXES, flexi_shape
 from ast_jax.models.stack import REMAT_POLICIES
 from ast_jax.models.vit import DTYPES
 from ast_jax.train.losses import LOSSES
+from ast_jax.train.batch_scaling import LR_RULES
 from ast_jax.train.metrics import METRICS
 from ast_jax.train.optim import SCHEDULES, WEIGHT_DECAY_MODES
 from ast_jax.train.phases import phases_problems
@@ -34,6 +35,7 @@ CHOICES = {
     "optim.weight_decay_mode": WEIGHT_DECAY_MODES,
     "train.loss": LOSSES,
     "train.main_metric": METRICS,
+    "batch_scaling.lr_rule": LR_RULES,
 }
 POSITIVE = ("num_classes", "data.batch_size", "train.epochs", "audio.target_length", "audio.num_mel_bins",
             "audio.sample_rate", "audio.frame_length", "audio.frame_shift", "audio.std", "optim.lr",
@@ -66,7 +68,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0 <= _get(config, field) <= 1:
       problems.append(f"{field}={_get(config, field)!r} must lie in [0, 1]")
   for field in ("augment.freq_mask", "augment.time_mask", "data.num_workers", "train.checkpoint_every_steps",
-                "train.max_steps", "train.peak_flops", "train.max_consecutive_skips"):
+                "train.max_steps", "train.peak_flops", "train.max_consecutive_skips", "batch_scaling.per_device",
+                "batch_scaling.min_warmup_steps"):
     if _get(config, field) < 0:
       problems.append(f"{field}={_get(config, field)!r} must not be negative")
   first, last = config.train.average_weights
