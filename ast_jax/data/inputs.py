@@ -10,6 +10,7 @@ cap or frame-shift resolution q.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Iterable
@@ -42,6 +43,38 @@ def packing_spec(config: ml_collections.ConfigDict, *, train: bool = True, lengt
       drop_rate=packing.drop_rate if train else 0.0,
       resolutions=resolutions if train else (float(resolution or resolutions[0]),),
       crop=packing.crop if train else "start", min_crop_frames=packing.min_crop_frames if train else 0)
+
+
+def batch_shapes(config: ml_collections.ConfigDict, *, packed: bool, train: bool = True
+                 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{key: (shape, dtype)} of the global batches the trainer's input yields (`data/batch.py`), without reading any
+  data: what an ahead-of-time compile lowers the steps with. tests/test_compile.py checks it against real batches."""
+  if packed:
+    spec = packing_spec(config, train=train)
+    rows, clips, samples = spec.rows, spec.max_clips, spec.max_samples
+  else:
+    rows = config.data.batch_size if train else config.data.eval_batch_size or config.data.batch_size
+    clips, samples = 1, pipeline.clip_samples(config)
+  shapes = {"waveform": ((rows, clips, samples), np.float32), "num_samples": ((rows, clips), np.int32),
+            "label": ((rows, clips, config.num_classes), np.float32), "clip_mask": ((rows, clips), np.float32),
+            "index": ((rows, clips), np.int32)}
+  if packed:
+    tokens = (rows, config.packing.row_tokens)
+    shapes.update(segment_ids=(tokens, np.int32), freq_positions=(tokens, np.int32), time_positions=(tokens, np.int32),
+                  time_patches=((rows, clips), np.int32), window_shift=((rows, clips), np.int32),
+                  resolution=((rows, clips), np.float32))
+  return {key: (shape, np.dtype(dtype)) for key, (shape, dtype) in shapes.items()}
+
+
+def clips_per_packed_row(config: ml_collections.ConfigDict, clip_seconds: float = 10.0, clips: int = 4096,
+                         seed: int = 0) -> float:
+  """Clips a packed training row holds on average when every clip lasts `clip_seconds` (AudioSet: 10 s): the
+  trainer's planner on epoch 0 of `clips` such clips (their resolutions, crops and token dropout drawn as in
+  training). Throughput projections use it to turn rows per second into clips per second."""
+  spec = dataclasses.replace(packing_spec(config), rows=min(config.packing.rows, 64))
+  lengths = [round(clip_seconds * config.audio.sample_rate)] * clips
+  plan = packed_batches.PackedPlans(lengths, EpochSampler(clips, seed), spec, seed).epoch(0)
+  return clips / (len(plan.batches) * spec.rows)
 
 
 class FixedInput:
