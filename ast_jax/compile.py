@@ -238,10 +238,10 @@ def print_report(report: dict[str, Any], epoch_clips: int = 0, out: Any = sys.st
   def say(text: str = "") -> None:
     print(text, file=out)
 
-  say(f"target {report['target']}: {report['chips']} chips ({report['device_kind']}), {report['hosts']} host(s); "
+  say(f"target {report['target']}: {report['chips']} devices ({report['device_kind']}), {report['hosts']} host(s); "
       f"mesh {report['mesh']}")
   say(f"model {report['model']} {report['variant'] or ''} ({report['dtype']}); {report['batch_field']}="
-      f"{report['global_batch']} ({report['per_chip_batch']:g} per chip)")
+      f"{report['global_batch']} ({report['per_chip_batch']:g} per device)")
   if report["batch_note"]:
     say(f"batch rule: {report['batch_note']}")
   for phase in report["phases"]:
@@ -259,7 +259,7 @@ def print_report(report: dict[str, Any], epoch_clips: int = 0, out: Any = sys.st
     for program in phase["programs"]:
       roofline = program["roofline"]
       looped = (f" (a loop's body counted once; traffic scaled x{program['loop_scale']:.1f})"
-                if program["loop_scale"] > 1 else "")
+                if program["loop_scale"] > 1.05 else "")
       say(f"{program['name']}: analytic {program['analytic_flops_per_chip'] / 1e12:.3f} TFLOP per chip, XLA "
           f"{program['cost']['xla_flops'] / 1e12:.3f} TFLOP, {program['cost']['bytes_accessed'] / 2**30:.2f} GiB "
           f"accessed{looped}; roofline estimate (not a measurement): compute {_seconds(roofline['compute_seconds'])}, "

@@ -56,8 +56,9 @@ def _group_size(attributes: str) -> int:
 def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
   """{kind: {'count': per step, 'bytes': per step}} for the collectives of an optimised HLO module's text.
 
-  Bytes are the full array a collective works on, per chip: an all-reduce's or all-to-all's buffer, an all-gather's
-  gathered result, a reduce-scatter's input, a permute's buffer. Async pairs count once (at `-start`). A while
+  Bytes are the full arrays a collective works on, per chip (every array of a combined one): an all-reduce's or
+  all-to-all's buffers, an all-gather's gathered results, a reduce-scatter's inputs, a permute's buffers. Async
+  pairs count once (at `-start`). A while
   loop's body counts once per trip: XLA's `known_trip_count` where the HLO has it, else the largest s32 constant
   of the loop's condition (a counter from 0 compared with the trip count, as `lax.scan` lowers).
   """
@@ -101,9 +102,14 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
     sizes = _array_bytes(shape)
     if not sizes:
       continue
-    size = max(sizes)  # an async start's tuple holds the operand and the result: the larger is the full array
-    if kind == "reduce-scatter" and not opcode.endswith("-start"):
-      size *= _group_size(rest)
+    size = sum(sizes)  # a combined collective's result is a tuple: every array in it
+    group = _group_size(rest)
+    if opcode.endswith("-start") and kind == "all-gather":  # (operands, results): a result is `group` operands
+      size *= group / (group + 1)
+    elif opcode.endswith("-start") and kind in ("collective-permute", "all-to-all"):  # operands and results alike
+      size /= 2
+    elif kind == "reduce-scatter" and not opcode.endswith("-start"):
+      size *= group
     own[current].setdefault(kind, []).append(size)
 
   def totals(name: str, seen: frozenset[str]) -> dict[str, list[float]]:
