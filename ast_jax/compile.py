@@ -258,11 +258,10 @@ def print_report(report: dict[str, Any], epoch_clips: int = 0, out: Any = sys.st
                       f"{program['compile_seconds']:.1f}"]))
     for program in phase["programs"]:
       roofline = program["roofline"]
-      looped = (f" (a loop's body counted once; traffic scaled x{program['loop_scale']:.1f})"
-                if program["loop_scale"] > 1.05 else "")
-      say(f"{program['name']}: analytic {program['analytic_flops_per_chip'] / 1e12:.3f} TFLOP per chip, XLA "
-          f"{program['cost']['xla_flops'] / 1e12:.3f} TFLOP, {program['cost']['bytes_accessed'] / 2**30:.2f} GiB "
-          f"accessed{looped}; roofline estimate (not a measurement): compute {_seconds(roofline['compute_seconds'])}, "
+      say(f"{program['name']}: analytic {program['analytic_flops_per_chip'] / 1e12:.3f} TFLOP per chip (XLA's count "
+          f"{program['cost']['xla_flops'] / 1e12:.3f}, a loop's body once), HBM traffic "
+          f"{program['hbm_traffic'] / 2**30:.2f} GiB; roofline estimate (not a measurement): compute "
+          f"{_seconds(roofline['compute_seconds'])}, "
           f"memory {_seconds(roofline['memory_seconds'])}, step {_seconds(roofline['step_seconds'])}")
       collectives = ", ".join(f"{kind} x{stats['count']:g} {stats['bytes'] / 2**20:.1f} MiB"
                               for kind, stats in program["collectives"].items()) or "none"

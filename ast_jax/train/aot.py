@@ -10,12 +10,11 @@ Reports per program (train step, eval step), per chip:
 - collectives in the optimised HLO by kind (all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute):
   how many run per step and the bytes of the arrays they reduce or gather, loop bodies counted once per trip (XLA's
   known trip count, else the bound its loop condition compares with: a scan over N layers counts N);
-- a roofline step time: the larger of compute (analytic FLOPs per chip / the chip's peak) and memory traffic (XLA's
-  bytes accessed / the chip's HBM bandwidth). An estimate from the vendor's peak figures, never a measurement; XLA's
-  own `optimal_seconds` is left out (it has come back negative). XLA's cost analysis counts a loop's body once, so
-  for a program with loops (scanned layers) its FLOPs fall short of the analytic count by about the trip count;
-  the memory traffic is then scaled by analytic / XLA FLOPs (`loop_scale`), which slightly overstates the traffic
-  outside the loop (the optimiser update): a conservative estimate.
+- a roofline step time: the larger of compute (analytic FLOPs per chip / the chip's peak) and memory traffic
+  (`hbm_traffic`: each top-level instruction of the optimised program reading its operands and writing its result
+  once, loops once per trip / the chip's HBM bandwidth). An estimate from the vendor's peak figures, never a
+  measurement. XLA's own `optimal_seconds` is left out (it has come back negative), and its FLOPs and bytes
+  accessed are reported as they are: they count a loop's body once (scanned layers: about 1/depth of the program).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1
                 "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
 
 
 def _array_bytes(text: str) -> list[float]:
@@ -53,56 +52,86 @@ def _group_size(attributes: str) -> int:
   return 1
 
 
-def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
-  """{kind: {'count': per step, 'bytes': per step}} for the collectives of an optimised HLO module's text.
+@dataclasses.dataclass
+class _Module:
+  """What the analyses need from an optimised HLO module's text, per computation: its collectives, the HBM bytes
+  of its top-level instructions, the loops and calls it runs."""
+  entry: str | None = None
+  collectives: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
+  traffic: dict[str, float] = dataclasses.field(default_factory=dict)
+  loops: dict[str, list[tuple[str, int | None, str | None]]] = dataclasses.field(default_factory=dict)
+  calls: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  constants: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # s32 scalars: a loop condition's bound
 
-  Bytes are the full arrays a collective works on, per chip (every array of a combined one): an all-reduce's or
-  all-to-all's buffers, an all-gather's gathered results, a reduce-scatter's inputs, a permute's buffers. Async
-  pairs count once (at `-start`). A while
-  loop's body counts once per trip: XLA's `known_trip_count` where the HLO has it, else the largest s32 constant
-  of the loop's condition (a counter from 0 compared with the trip count, as `lax.scan` lowers).
-  """
-  own: dict[str, dict[str, list[float]]] = {}
-  loops: dict[str, list[tuple[str, int | None, str | None]]] = {}
-  constants: dict[str, list[int]] = {}  # s32 scalar constants per computation: a loop condition's bound
-  calls: dict[str, list[str]] = {}
-  entry, current = None, None
+  def trips(self, trips: int | None, condition: str | None) -> int:
+    return trips if trips is not None else max(self.constants.get(condition or "", []) or [1])
+
+  def runs(self, name: str | None = None, times: float = 1.0, seen: frozenset[str] = frozenset()):
+    """(computation, times it runs per execution of the program), from the entry through loops and calls."""
+    name = self.entry if name is None else name
+    if name is None or name in seen:
+      return
+    yield name, times
+    for body, trips, condition in self.loops.get(name, []):
+      yield from self.runs(body, times * self.trips(trips, condition), seen | {name})
+    for callee in self.calls.get(name, []):
+      yield from self.runs(callee, times, seen | {name})
+
+
+# Instructions that move no HBM bytes of their own: views, tuples, the loop itself (its body is counted).
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
+               "after-all", "partition-id", "replica-id", "iota", "opt-barrier"}
+
+
+def _parse(hlo_text: str) -> _Module:
+  module, current = _Module(), None
+  sizes: dict[str, float] = {}  # instruction name (unique in a module) -> bytes of its result
+  parameters: dict[str, dict[str, int]] = {}  # computation -> {parameter's name: its index}
+  sliced: dict[str, dict[int, float]] = {}  # fused computation -> {parameter index: bytes of the slice it reads}
+  updated: dict[str, dict[int, float]] = {}  # fused computation -> {parameter index: bytes written in place}
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
     if header:
       current = header.group(1)
-      own.setdefault(current, {})
-      loops.setdefault(current, [])
-      calls.setdefault(current, [])
+      for table in (module.collectives, module.loops, module.calls):
+        table.setdefault(current, {} if table is module.collectives else [])
+      module.traffic.setdefault(current, 0.0)
       if line.startswith("ENTRY"):
-        entry = current
+        module.entry = current
       continue
-    if current is None:
-      continue
-    instruction = _INSTRUCTION.match(line)
+    instruction = _INSTRUCTION.match(line) if current is not None else None
     if not instruction:
       continue
-    shape, opcode, rest = instruction.groups()
+    name, shape, opcode, rest = instruction.groups()
+    result = sum(_array_bytes(shape))
+    sizes[name] = result
+    operands = re.findall(r"%([\w.\-]+)", rest.split("),", 1)[0])
+    own_parameters = parameters.setdefault(current, {})
+    if opcode == "parameter":
+      own_parameters[name] = int(re.match(r"(\d+)", rest).group(1))
+    elif opcode == "bitcast" and operands and operands[0] in own_parameters:  # the same buffer, another shape
+      own_parameters[name] = own_parameters[operands[0]]
+    elif opcode == "dynamic-slice" and operands and operands[0] in own_parameters:
+      sliced.setdefault(current, {})[own_parameters[operands[0]]] = result
+    elif opcode == "dynamic-update-slice" and len(operands) > 1 and operands[0] in own_parameters:
+      updated.setdefault(current, {})[own_parameters[operands[0]]] = sizes.get(operands[1], 0.0)
     if opcode == "constant" and re.fullmatch(r"s32\[\](\{.*\})?", shape.strip()):
-      constants.setdefault(current, []).append(int(re.match(r"(-?\d+)", rest).group(1)))
-      continue
+      module.constants.setdefault(current, []).append(int(re.match(r"(-?\d+)", rest).group(1)))
     if opcode == "while":
-      body = re.search(r"body=%?([\w.\-]+)", rest)
-      condition = re.search(r"condition=%?([\w.\-]+)", rest)
+      body, condition = re.search(r"body=%?([\w.\-]+)", rest), re.search(r"condition=%?([\w.\-]+)", rest)
       trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
       if body:
-        loops[current].append((body.group(1), int(trips.group(1)) if trips else None,
-                               condition.group(1) if condition else None))
-      continue
+        module.loops[current].append((body.group(1), int(trips.group(1)) if trips else None,
+                                      condition.group(1) if condition else None))
     if opcode in ("call", "conditional", "async-start"):
-      calls[current].extend(re.findall(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", rest))
+      module.calls[current].extend(re.findall(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", rest))
+    if opcode not in _NO_TRAFFIC and not opcode.endswith("-done"):
+      module.traffic[current] += _instruction_traffic(result, [sizes.get(operand, 0.0) for operand in operands],
+                                                      opcode, rest, sliced, updated)
     kind = opcode.removesuffix("-start")
-    if kind not in COLLECTIVES or opcode.endswith("-done"):
+    if kind not in COLLECTIVES or opcode.endswith("-done") or not result:
       continue
-    sizes = _array_bytes(shape)
-    if not sizes:
-      continue
-    size = sum(sizes)  # a combined collective's result is a tuple: every array in it
+    size = result  # a combined collective's result is a tuple: every array in it
     group = _group_size(rest)
     if opcode.endswith("-start") and kind == "all-gather":  # (operands, results): a result is `group` operands
       size *= group / (group + 1)
@@ -110,24 +139,59 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
       size /= 2
     elif kind == "reduce-scatter" and not opcode.endswith("-start"):
       size *= group
-    own[current].setdefault(kind, []).append(size)
+    module.collectives[current].setdefault(kind, []).append(size)
+  return module
 
-  def totals(name: str, seen: frozenset[str]) -> dict[str, list[float]]:
-    if name in seen:
-      return {}
-    result = {kind: [float(len(sizes)), float(sum(sizes))] for kind, sizes in own.get(name, {}).items()}
-    nested = [(body, trips if trips is not None else max(constants.get(condition, [1]) or [1]))
-              for body, trips, condition in loops.get(name, [])] + [(callee, 1) for callee in calls.get(name, [])]
-    for callee, trips in nested:
-      for kind, (count, size) in totals(callee, seen | {name}).items():
-        entry_total = result.setdefault(kind, [0.0, 0.0])
-        entry_total[0] += trips * count
-        entry_total[1] += trips * size
-    return result
 
-  if entry is None:
-    return {}
-  return {kind: {"count": count, "bytes": size} for kind, (count, size) in sorted(totals(entry, frozenset()).items())}
+def _instruction_traffic(result: float, operands: list[float], opcode: str, rest: str,
+                         sliced: dict[str, dict[int, float]], updated: dict[str, dict[int, float]]) -> float:
+  """HBM bytes of one top-level instruction: its operands read and its result written, except that a slice read
+  from a buffer (dynamic-slice) costs the slice, and a slice written into a buffer in place (dynamic-update-slice,
+  as a scan stores each layer's activations) costs the slice, not the whole buffer."""
+  if opcode == "custom-call" and not operands:  # a buffer allocated for a loop's outputs: nothing moves
+    return 0.0
+  if opcode == "dynamic-slice":
+    return 2 * result
+  if opcode == "dynamic-update-slice":
+    return 2 * (operands[1] if len(operands) > 1 else result)
+  if opcode == "fusion":
+    called = re.search(r"calls=%?([\w.\-]+)", rest)
+    reads, writes = sliced.get(called.group(1), {}) if called else {}, updated.get(called.group(1), {}) if called else {}
+    total = result
+    for index, size in enumerate(operands):
+      if index in writes:  # read and written in place: the update only, and the result is the same buffer
+        total += writes[index] - size
+      else:
+        total += reads.get(index, size)
+    return max(total, 0.0)
+  return result + sum(operands)
+
+
+def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
+  """{kind: {'count': per step, 'bytes': per step}} for the collectives of an optimised HLO module's text.
+
+  Bytes are the full arrays a collective works on, per chip (every array of a combined one): an all-reduce's or
+  all-to-all's buffers, an all-gather's gathered results, a reduce-scatter's inputs, a permute's buffers. Async
+  pairs count once (at `-start`). A while loop's body counts once per trip: XLA's `known_trip_count` where the HLO
+  has it, else the largest s32 constant of the loop's condition (a counter from 0 compared with the trip count, as
+  `lax.scan` lowers).
+  """
+  module, totals = _parse(hlo_text), {}
+  for name, times in module.runs():
+    for kind, sizes in module.collectives.get(name, {}).items():
+      count, size = totals.get(kind, (0.0, 0.0))
+      totals[kind] = (count + times * len(sizes), size + times * sum(sizes))
+  return {kind: {"count": count, "bytes": size} for kind, (count, size) in sorted(totals.items())}
+
+
+def hbm_traffic(hlo_text: str) -> float:
+  """Bytes one execution reads from and writes to HBM, per chip, in the roofline model of a fused program: every
+  top-level instruction (a fusion, a matmul, a gather, a copy, a collective) reads each operand once and writes its
+  result once; what happens inside a fusion stays on chip. Loop bodies count once per trip (as `collective_stats`).
+  XLA's own `bytes accessed` is not used for this: it counts a loop's body once and a gather's whole table per
+  gathered row."""
+  module = _parse(hlo_text)
+  return float(sum(times * module.traffic.get(name, 0.0) for name, times in module.runs()))
 
 
 def memory_stats(compiled: Any) -> dict[str, float]:
@@ -159,14 +223,7 @@ class ProgramReport:
   collectives: dict[str, dict[str, float]]
   analytic_flops_per_chip: float
   compiler_message: str = ""  # set when the compiler refused the program (out of HBM)
-  has_loops: bool = False  # the optimised program has while loops (scanned layers)
-
-  @property
-  def loop_scale(self) -> float:
-    """How much XLA's per-program counts fall short for looped programs (1 without loops)."""
-    if not self.has_loops or not self.cost["xla_flops"]:
-      return 1.0
-    return max(1.0, self.analytic_flops_per_chip / self.cost["xla_flops"])
+  hbm_traffic: float = 0.0  # bytes per execution, per chip (`hbm_traffic`)
 
   @property
   def collective_bytes(self) -> float:
@@ -176,8 +233,7 @@ class ProgramReport:
     """Estimated seconds: compute-bound, memory-bound and their max (None without the chip's figures or, for the
     memory bound, a compiled program)."""
     compute = self.analytic_flops_per_chip / peak_flops if peak_flops else None
-    traffic = self.cost["bytes_accessed"] * self.loop_scale
-    memory = traffic / hbm_bandwidth if hbm_bandwidth and traffic else None
+    memory = self.hbm_traffic / hbm_bandwidth if hbm_bandwidth and self.hbm_traffic else None
     bound = max((x for x in (compute, memory) if x is not None), default=None)
     return {"compute_seconds": compute, "memory_seconds": memory, "step_seconds": bound}
 
@@ -185,7 +241,7 @@ class ProgramReport:
     return {"name": self.name, "compile_seconds": self.compile_seconds, "memory": self.memory, "cost": self.cost,
             "collectives": self.collectives, "collective_bytes": self.collective_bytes,
             "analytic_flops_per_chip": self.analytic_flops_per_chip, "compiler_message": self.compiler_message,
-            "loop_scale": self.loop_scale}
+            "hbm_traffic": self.hbm_traffic}
 
 
 def abstract_batch(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], sharding: Any) -> dict[str, Any]:
@@ -220,4 +276,4 @@ def compile_program(name: str, jitted: Any, args: tuple[Any, ...], analytic_flop
   seconds = time.perf_counter() - start
   text = compiled.as_text()
   return ProgramReport(name, seconds, memory_stats(compiled), cost_stats(compiled), collective_stats(text),
-                       analytic_flops_per_chip, has_loops=" while(" in text)
+                       analytic_flops_per_chip, hbm_traffic=hbm_traffic(text))
