@@ -152,7 +152,7 @@ def test_batch_scaling_keeps_a_batch_that_splits_and_scales_one_that_does_not():
     ("elastic", {"data": 2, "fsdp": 1, "tensor": 2}, {"all-reduce"}),  # tensor: row-parallel projections summed
 ])
 def test_tpu_compile_of_the_trainers_steps(arg, mesh, expect):
-  from ast_jax.compile import Target, compile_config
+  from ast_jax.train.aot import Target, compile_config
   from configs import demo
 
   config = demo.get_config(arg)
@@ -191,7 +191,7 @@ def _state_bytes(config) -> float:
 
 @needs_libtpu
 def test_tpu_compile_of_aum_uses_the_tpu_scan():
-  from ast_jax.compile import Target, compile_config
+  from ast_jax.train.aot import Target, compile_config
   from configs import demo, common
 
   config = common.aum(demo.get_config(), "tiny", depth=1)
@@ -218,7 +218,7 @@ def test_compile_command_fails_with_the_fix_when_the_step_does_not_fit(tmp_path)
 @needs_libtpu
 @pytest.mark.slow
 def test_search_mesh_ranks_the_splits_that_fit():
-  from ast_jax.compile import Target, search_mesh
+  from ast_jax.train.aot import Target, search_mesh
   from configs import demo
 
   config = demo.get_config()
@@ -238,7 +238,7 @@ def test_search_mesh_ranks_the_splits_that_fit():
 @pytest.mark.parametrize("arg", [None, "elastic", "aum"])
 def test_the_audioset_recipes_fit_the_pods_without_edits(arg, topology, chips):
   """The pod table's compiles (docs/RESULTS.md), train step only: one to six minutes each on 2 cores."""
-  from ast_jax.compile import Target, compile_config
+  from ast_jax.train.aot import Target, compile_config
   from configs import audioset
 
   report = compile_config(audioset.get_config(arg), Target(topology), ("train",))

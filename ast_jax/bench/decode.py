@@ -53,21 +53,6 @@ from ast_jax.data.pipeline import clip_samples
 from ast_jax.data.reader import TrainRecords, WaveformReader
 from ast_jax.data.sources import Example
 
-_CLIPS = flags.DEFINE_integer("clips", 240, "Clips written per format.", lower_bound=1)
-_SECONDS = flags.DEFINE_float("seconds", 10.0, "Length of each clip in seconds (AudioSet: 10).")
-_FORMATS = flags.DEFINE_list("formats", ["flac", "wav"], "File formats (soundfile names, lower case).")
-_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Grain worker process counts (config.data.num_workers).")
-_PACKED = flags.DEFINE_bool("packed", True, "Also time ElasticAST's packed rows (workers=0).")
-_BATCH = flags.DEFINE_integer("batch", 0, "Clips per batch (0: the recipe's, 12).", lower_bound=0)
-_MIXUP = flags.DEFINE_float("mixup", None, "Waveform mixup probability (default: the recipe's, 0.5).")
-_WARMUP = flags.DEFINE_integer("warmup_batches", 4, "Untimed batches first (worker start-up).", lower_bound=0)
-_BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches at least.", lower_bound=1)
-_MIN_SECONDS = flags.DEFINE_float("min_seconds", 5.0, "Timed seconds at least per case.")
-_PIN = flags.DEFINE_bool("pin", True, "Pin each case to max(1, workers) cores.")
-_DIR = flags.DEFINE_string("dir", None, "Folder for the clips (kept); default a temporary folder, removed.")
-_SPEECH = flags.DEFINE_string("speech_dir", None, "FSDD recordings (default: shared/data/fsdd/recordings).")
-_JSON = flags.DEFINE_string("json", None, "Also write the report as JSON here.")
-
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
@@ -363,6 +348,26 @@ def default_speech_dir() -> str:
 
 # ----------------------------------------------------------------------------------------------- command line
 
+def define_flags() -> None:
+  """The command line's flags. Defined when the module runs as a command, not on import: other command-line
+  modules use some of the same names (`batches`, `json`), and tests import this one beside them."""
+  global _CLIPS, _SECONDS, _FORMATS, _WORKERS, _PACKED, _BATCH, _MIXUP, _WARMUP, _BATCHES, _MIN_SECONDS, _PIN, _DIR
+  global _SPEECH, _JSON
+  _CLIPS = flags.DEFINE_integer("clips", 240, "Clips written per format.", lower_bound=1)
+  _SECONDS = flags.DEFINE_float("seconds", 10.0, "Length of each clip in seconds (AudioSet: 10).")
+  _FORMATS = flags.DEFINE_list("formats", ["flac", "wav"], "File formats (soundfile names, lower case).")
+  _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Grain worker process counts (config.data.num_workers).")
+  _PACKED = flags.DEFINE_bool("packed", True, "Also time ElasticAST's packed rows (workers=0).")
+  _BATCH = flags.DEFINE_integer("batch", 0, "Clips per batch (0: the recipe's, 12).", lower_bound=0)
+  _MIXUP = flags.DEFINE_float("mixup", None, "Waveform mixup probability (default: the recipe's, 0.5).")
+  _WARMUP = flags.DEFINE_integer("warmup_batches", 4, "Untimed batches first (worker start-up).", lower_bound=0)
+  _BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches at least.", lower_bound=1)
+  _MIN_SECONDS = flags.DEFINE_float("min_seconds", 5.0, "Timed seconds at least per case.")
+  _PIN = flags.DEFINE_bool("pin", True, "Pin each case to max(1, workers) cores.")
+  _DIR = flags.DEFINE_string("dir", None, "Folder for the clips (kept); default a temporary folder, removed.")
+  _SPEECH = flags.DEFINE_string("speech_dir", None, "FSDD recordings (default: shared/data/fsdd/recordings).")
+  _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON here.")
+
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
@@ -394,4 +399,5 @@ if __name__ == "__main__":
   from ast_jax import runtime
 
   runtime.restart_with_tcmalloc()  # as the trainer runs: its input pipeline shares the process's allocator
+  define_flags()
   app.run(main)

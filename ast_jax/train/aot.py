@@ -1,6 +1,8 @@
 """Ahead-of-time compilation of the trainer's steps, and what the compiled programs say about memory, FLOPs and
-communication. `python -m ast_jax.compile` is the command line; the programs come from `train/programs.py`, so they
-are the ones the trainer runs.
+communication. `Target` (a TPU topology's devices, or the local ones), `compile_config` (every phase's train and
+eval step, with the trainer's batch rule, mesh and platform choices) and `search_mesh` are what
+`python -m ast_jax.compile` runs and prints; the programs come from `train/programs.py`, so they are the ones the
+trainer runs.
 
 Reports per program (train step, eval step), per chip:
 - memory by kind from XLA's buffer assignment (`memory_analysis()`): arguments (parameters, optimiser state, the
@@ -20,6 +22,7 @@ Reports per program (train step, eval step), per chip:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import time
@@ -27,6 +30,20 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from ast_jax import target as target_lib
+from ast_jax.data.inputs import batch_shapes, clips_per_packed_row
+from ast_jax.models import config_flops, family_of
+from ast_jax.parallel import logical_rules, make_mesh
+from ast_jax.parallel.topology import chip_of, parse_topology, topology_devices
+from ast_jax.train.batch_scaling import batch_fields, scale_to_mesh
+from ast_jax.train.config_checks import ConfigError, validate_config
+from ast_jax.train.phases import plan_phases
+from ast_jax.train.programs import phase_programs
+from ast_jax.train.throughput import peak_flops_per_device
+from ast_jax.train.trainer import check_batch_divides
+
+log = logging.getLogger(__name__)
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
@@ -277,3 +294,154 @@ def compile_program(name: str, jitted: Any, args: tuple[Any, ...], analytic_flop
   text = compiled.as_text()
   return ProgramReport(name, seconds, memory_stats(compiled), cost_stats(compiled), collective_stats(text),
                        analytic_flops_per_chip, hbm_traffic=hbm_traffic(text))
+
+
+class Target:
+  """Devices to compile for, the platform whose choices the trace makes, and the chip's figures."""
+
+  def __init__(self, topology_name: str):
+    if topology_name:
+      self.topology = parse_topology(topology_name)
+      self.devices = topology_devices(self.topology)
+      self.platform, self.name = "tpu", f"{self.topology.name} ({self.topology.slice_name})"
+      self.process_count, chip = self.topology.num_hosts, self.topology.chip
+    else:
+      self.topology, self.devices = None, jax.devices()
+      self.platform, self.name = target_lib.platform(), f"local ({self.devices[0].device_kind})"
+      self.process_count, chip = jax.process_count(), chip_of(self.devices[0].device_kind)
+    self.device_kind = self.devices[0].device_kind
+    self.hbm_bytes = chip.hbm_bytes if chip else _local_memory_limit(self.devices[0])
+    self.hbm_bandwidth = chip.hbm_bandwidth if chip else None
+    self.peak_flops = chip.peak_flops if chip else peak_flops_per_device(self.devices[0], "bfloat16")
+
+
+def _local_memory_limit(device: Any) -> float | None:
+  try:
+    return float((device.memory_stats() or {}).get("bytes_limit")) or None
+  except (AttributeError, TypeError, ValueError, RuntimeError):
+    return None
+
+
+def compile_config(config: Any, target: Target, programs: tuple[str, ...] = ("train", "eval"),
+                   steps_per_epoch: int = 1000) -> dict[str, Any]:
+  """Compiles `programs` of every phase of `config` for `target`; returns the report (see `print_report`)."""
+  validate_config(config)
+  mesh = make_mesh(config.mesh, target.devices)
+  rules = logical_rules(config.sharding_rules)
+  config, note = scale_to_mesh(config, mesh, rules, target.process_count)
+  check_batch_divides(config, mesh, rules, target.process_count)
+  packed = family_of(config).packed_input
+  chips = len(target.devices)
+  train_field, eval_field = batch_fields(config)
+  global_batch = config[train_field.split(".")[0]][train_field.split(".")[1]]
+  report: dict[str, Any] = {
+      "target": target.name, "device_kind": target.device_kind, "chips": chips, "hosts": target.process_count,
+      "platform": target.platform, "mesh": dict(mesh.shape), "batch_note": note, "batch_field": train_field,
+      "global_batch": global_batch, "per_chip_batch": global_batch / chips, "hbm_bytes": target.hbm_bytes,
+      "peak_flops": target.peak_flops, "hbm_bandwidth": target.hbm_bandwidth, "model": config.model.name,
+      "variant": config.model.get("variant"), "dtype": config.model.dtype, "phases": []}
+  for plan in plan_phases(config, steps_per_epoch):
+    phase_config = plan.config
+    flops = config_flops(phase_config)
+    with target_lib.compiling_for(target.platform):
+      built = phase_programs(phase_config, mesh, rules, jax.random.key(0), steps_per_epoch, plan.steps,
+                             plan.first_step)
+      results = []
+      if "train" in programs:
+        batch = abstract_batch(batch_shapes(phase_config, packed=packed), built.data_sharding)
+        results.append(compile_program("train", built.train_step(), (built.abstract_state, batch),
+                                       flops["train_flops_per_step"] / chips))
+      if "eval" in programs:
+        batch = abstract_batch(batch_shapes(phase_config, packed=packed, train=False), built.data_sharding)
+        eval_rows = batch["clip_mask"].shape[0]
+        results.append(compile_program("eval", built.eval_step, (built.abstract_state.params, batch),
+                                       flops["forward_flops"] * eval_rows / chips))
+    phase = {"phase": plan.phase.name, "examples_per_step": _examples_per_step(phase_config, packed),
+             "programs": []}
+    for result in results:
+      entry = result.as_dict()
+      entry["roofline"] = result.roofline(target.peak_flops, target.hbm_bandwidth)
+      limit = entry["memory"].get("compiler_limit") or target.hbm_bytes
+      entry["fits"] = False if result.compiler_message else None if limit is None else entry["memory"]["total"] <= limit
+      phase["programs"].append(entry)
+    report["phases"].append(phase)
+  train = [p for phase in report["phases"] for p in phase["programs"] if p["name"] == "train"]
+  report["fits"] = all(p["fits"] is not False for phase in report["phases"] for p in phase["programs"])
+  if train and train[-1]["roofline"]["step_seconds"]:
+    seconds = train[-1]["roofline"]["step_seconds"]
+    report["projected_clips_per_second"] = report["phases"][-1]["examples_per_step"] / seconds
+  if not report["fits"]:
+    report["fix"] = fix_message(config, report, eval_field)
+  return report
+
+
+def _examples_per_step(config: Any, packed: bool) -> float:
+  """Clips per train step: the batch, or for packed rows the rows times the clips a row holds on average when
+  every clip lasts 10 s (AudioSet), as the trainer's packer plans them."""
+  if not packed:
+    return float(config.data.batch_size)
+  return config.packing.rows * clips_per_packed_row(config)
+
+
+def fix_message(config: Any, report: dict[str, Any], eval_field: str) -> str:
+  """What to change when a program does not fit, largest memory kind first."""
+  worst = max((p for phase in report["phases"] for p in phase["programs"] if p["fits"] is False),
+              key=lambda p: p["memory"]["total"])
+  memory, hbm = worst["memory"], report["hbm_bytes"]
+  per_chip = report["per_chip_batch"]
+  state = memory["argument"]  # parameters, optimiser state and the batch
+  hbm = memory.get("compiler_limit") or hbm
+  lines = [f"the {worst['name']} step needs {memory['total'] / 2**30:.2f} GiB per chip, more than the "
+           f"{hbm / 2**30:.2f} GiB of HBM of {report['device_kind']}"
+           + (f" (the compiler: {worst['compiler_message']})" if worst["compiler_message"] else "") + ". To fit:"]
+  batch_fix = (f"a smaller batch per chip (now {per_chip:g}): --config.batch_scaling.per_device="
+               f"{max(1, int(per_chip // 2))}" + (f" (or --config.{report['batch_field']}=...)"))
+  if worst["name"] == "eval":
+    batch_fix += f"; for the eval step, --config.{eval_field}=..."
+  fixes = [(memory["temp"], batch_fix + (", or recompute activations in the backward pass: --config.model.remat=full"
+                                         if config.model.remat == "none" else "")),
+           (state, f"shard parameters and optimiser state over more chips: --config.mesh.fsdp="
+                   f"{2 * config.mesh.fsdp if config.mesh.fsdp > 1 else 4} (now {config.mesh.fsdp}; "
+                   "data-parallel devices = data x fsdp)")]
+  if config.train.grad_accum_steps == 1:
+    fixes.append((memory["temp"] / 2, "or split each batch into micro-batches: --config.train.grad_accum_steps=2"))
+  lines += [f"  - {text}" for _, text in sorted(fixes, key=lambda item: -item[0])]
+  return "\n".join(lines)
+
+
+def search_mesh(config: Any, target: Target, max_tensor: int = 8, steps_per_epoch: int = 1000
+                ) -> list[dict[str, Any]]:
+  """Compiles the train step under each (data, fsdp, tensor) split of the chips (tensor up to `max_tensor`); returns
+  one row per split, the fitting ones first, by estimated step time, then collective bytes. A split the config
+  checks refuse (e.g. heads that do not divide over `tensor`) is a row with its reason, compiled never."""
+  chips = len(target.devices)
+  rows = []
+  for tensor in [t for t in _divisors(chips) if t <= max_tensor]:
+    for fsdp in _divisors(chips // tensor):
+      data = chips // tensor // fsdp
+      trial = config.copy_and_resolve_references()
+      trial.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+      row: dict[str, Any] = {"mesh": {"data": data, "fsdp": fsdp, "tensor": tensor}}
+      try:
+        report = compile_config(trial, target, ("train",), steps_per_epoch)
+      except (ConfigError, ValueError) as error:
+        row["error"] = str(error).splitlines()[0]
+        rows.append(row)
+        continue
+      program = report["phases"][-1]["programs"][0]
+      row.update(fits=program["fits"], memory_gib=program["memory"]["total"] / 2**30,
+                 step_seconds=program["roofline"]["step_seconds"], collective_bytes=program["collective_bytes"],
+                 per_chip_batch=report["per_chip_batch"], compile_seconds=program["compile_seconds"])
+      log.info("mesh %s: fits %s, %.2f GiB per chip, roofline %s s", row["mesh"], row["fits"], row["memory_gib"],
+               row["step_seconds"])
+      rows.append(row)
+
+  def rank(row: dict[str, Any]) -> tuple:
+    fits = row.get("fits") is True
+    return (not fits, row.get("step_seconds") or math.inf, row.get("collective_bytes", math.inf))
+
+  return sorted(rows, key=rank)
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
