@@ -35,6 +35,7 @@ _SEARCH_MESH = flags.DEFINE_bool("search_mesh", False, "Compile the train step u
                                  "split of the chips and rank those that fit.")
 _MAX_TENSOR = flags.DEFINE_integer("max_tensor", 8, "Largest tensor-parallel size --search_mesh tries.")
 _JSON = flags.DEFINE_string("json", "", "Write the report as JSON to this path.")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", "", "Also write each compiled program's optimised HLO text here.")
 _STEPS_PER_EPOCH = flags.DEFINE_integer("steps_per_epoch", 1000, "Steps per epoch the schedule is built with (it "
                                         "does not change the compiled program's shapes).")
 _EPOCH_CLIPS = flags.DEFINE_integer("epoch_clips", 0, "Clips per training epoch for the hours-per-epoch projection "
@@ -119,7 +120,7 @@ def main(argv: list[str]) -> None:
       result: Any = {"target": target.name, "search": rows}
       fits = any(row.get("fits") for row in rows)
     else:
-      result = compile_config(_CONFIG.value, target, tuple(_PROGRAMS.value), _STEPS_PER_EPOCH.value)
+      result = compile_config(_CONFIG.value, target, tuple(_PROGRAMS.value), _STEPS_PER_EPOCH.value, _HLO_DIR.value)
       print_report(result, _EPOCH_CLIPS.value)
       fits = result["fits"]
   except (ConfigError, ValueError, RuntimeError) as error:

@@ -55,7 +55,8 @@ ENTRY %main.2 (p0: f32[1024,768], p1: f32[16]) -> f32[1024,768] {
   %rs = f32[256,768]{1,0} reduce-scatter(f32[1024,768]{1,0} %ar), channel_id=4, replica_groups=[1,4]<=[4], dimensions={0}
   %w = (s32[], f32[8,128]{1,0}) while(%init), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"12"}}
   %w2 = (s32[], f32[8,128]{1,0}) while(%init), condition=%cond.2, body=%body.2, metadata={op_name="scan"}
-  ROOT %out = f32[1024,768]{1,0} add(%ar, %ar)
+  %onchip = f32[1024,768]{1,0:T(8,128)S(1)} multiply(%ar, %ar)
+  ROOT %out = f32[1024,768]{1,0} add(%ar, %onchip)
 }
 """
 
@@ -72,7 +73,8 @@ def test_collective_stats_counts_kinds_bytes_and_loop_trips():
 
 def test_hbm_traffic_reads_operands_and_writes_results_once_per_run():
   array = 1024 * 768 * 4
-  entry = array + 2 * 16 * 4 + (256 * 768 * 4 + array) + 3 * array  # all-reduce, async start, reduce-scatter, add
+  # all-reduce, async start, reduce-scatter, multiply (its result on chip: S(1)), add (reads the on-chip one free)
+  entry = array + 2 * 16 * 4 + (256 * 768 * 4 + array) + 2 * array + 2 * array
   loops = 12 * 4096 * 768 * 2 + 24 * 8 * 128 * 4  # the bodies' all-gather and permute, once per trip
   assert hbm_traffic(HLO) == entry + loops  # views, tuples, the -done half, loop conditions: nothing
 

@@ -14,7 +14,7 @@ Reports per program (train step, eval step), per chip:
   known trip count, else the bound its loop condition compares with: a scan over N layers counts N);
 - a roofline step time: the larger of compute (analytic FLOPs per chip / the chip's peak) and memory traffic
   (`hbm_traffic`: each top-level instruction of the optimised program reading its operands and writing its result
-  once, loops once per trip / the chip's HBM bandwidth). An estimate from the vendor's peak figures, never a
+  once, buffers in on-chip memory left out, loops once per trip / the chip's HBM bandwidth). An estimate from the vendor's peak figures, never a
   measurement. XLA's own `optimal_seconds` is left out (it has come back negative), and its FLOPs and bytes
   accessed are reported as they are: they count a loop's body once (scanned layers: about 1/depth of the program).
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import time
 from typing import Any
@@ -53,8 +54,18 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$"
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
 
 
+_ARRAY_LAYOUT = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\](\{[^}]*\})?")
+
+
 def _array_bytes(text: str) -> list[float]:
   return [_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in _ARRAY.findall(text)]
+
+
+def _hbm_bytes(text: str) -> float:
+  """Bytes of the arrays in `text` that live in HBM: a layout's `S(1)` marks the alternate memory space (on-chip
+  VMEM on TPU, where XLA's memory-space assignment keeps buffers it can), whose reads and writes cost no HBM."""
+  return sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+             for dtype, dims, layout in _ARRAY_LAYOUT.findall(text) if "S(1)" not in (layout or ""))
 
 
 def _group_size(attributes: str) -> int:
@@ -103,6 +114,7 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
 def _parse(hlo_text: str) -> _Module:
   module, current = _Module(), None
   sizes: dict[str, float] = {}  # instruction name (unique in a module) -> bytes of its result
+  hbm: dict[str, float] = {}  # the same, counting only arrays in HBM (`_hbm_bytes`)
   parameters: dict[str, dict[str, int]] = {}  # computation -> {parameter's name: its index}
   sliced: dict[str, dict[int, float]] = {}  # fused computation -> {parameter index: bytes of the slice it reads}
   updated: dict[str, dict[int, float]] = {}  # fused computation -> {parameter index: bytes written in place}
@@ -120,8 +132,8 @@ def _parse(hlo_text: str) -> _Module:
     if not instruction:
       continue
     name, shape, opcode, rest = instruction.groups()
-    result = sum(_array_bytes(shape))
-    sizes[name] = result
+    result, in_hbm = sum(_array_bytes(shape)), _hbm_bytes(shape)
+    sizes[name], hbm[name] = result, in_hbm
     operands = re.findall(r"%([\w.\-]+)", rest.split("),", 1)[0])
     own_parameters = parameters.setdefault(current, {})
     if opcode == "parameter":
@@ -143,7 +155,7 @@ def _parse(hlo_text: str) -> _Module:
     if opcode in ("call", "conditional", "async-start"):
       module.calls[current].extend(re.findall(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", rest))
     if opcode not in _NO_TRAFFIC and not opcode.endswith("-done"):
-      module.traffic[current] += _instruction_traffic(result, [sizes.get(operand, 0.0) for operand in operands],
+      module.traffic[current] += _instruction_traffic(in_hbm, [hbm.get(operand, 0.0) for operand in operands],
                                                       opcode, rest, sliced, updated)
     kind = opcode.removesuffix("-start")
     if kind not in COLLECTIVES or opcode.endswith("-done") or not result:
@@ -204,7 +216,8 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
 def hbm_traffic(hlo_text: str) -> float:
   """Bytes one execution reads from and writes to HBM, per chip, in the roofline model of a fused program: every
   top-level instruction (a fusion, a matmul, a gather, a copy, a collective) reads each operand once and writes its
-  result once; what happens inside a fusion stays on chip. Loop bodies count once per trip (as `collective_stats`).
+  result once; what happens inside a fusion stays on chip, and so do buffers XLA assigned to on-chip memory
+  (layout `S(1)`). Loop bodies count once per trip (as `collective_stats`).
   XLA's own `bytes accessed` is not used for this: it counts a loop's body once and a gather's whole table per
   gathered row."""
   module = _parse(hlo_text)
@@ -240,7 +253,8 @@ class ProgramReport:
   collectives: dict[str, dict[str, float]]
   analytic_flops_per_chip: float
   compiler_message: str = ""  # set when the compiler refused the program (out of HBM)
-  hbm_traffic: float = 0.0  # bytes per execution, per chip (`hbm_traffic`)
+  hbm_traffic: float = 0.0  # bytes per execution, per chip (`hbm_traffic`; arrays in on-chip memory excluded)
+  hlo_text: str = ""  # the optimised program (not in `as_dict`: megabytes)
 
   @property
   def collective_bytes(self) -> float:
@@ -293,7 +307,7 @@ def compile_program(name: str, jitted: Any, args: tuple[Any, ...], analytic_flop
   seconds = time.perf_counter() - start
   text = compiled.as_text()
   return ProgramReport(name, seconds, memory_stats(compiled), cost_stats(compiled), collective_stats(text),
-                       analytic_flops_per_chip, hbm_traffic=hbm_traffic(text))
+                       analytic_flops_per_chip, hbm_traffic=hbm_traffic(text), hlo_text=text)
 
 
 class Target:
@@ -323,8 +337,9 @@ def _local_memory_limit(device: Any) -> float | None:
 
 
 def compile_config(config: Any, target: Target, programs: tuple[str, ...] = ("train", "eval"),
-                   steps_per_epoch: int = 1000) -> dict[str, Any]:
-  """Compiles `programs` of every phase of `config` for `target`; returns the report (see `print_report`)."""
+                   steps_per_epoch: int = 1000, hlo_dir: str = "") -> dict[str, Any]:
+  """Compiles `programs` of every phase of `config` for `target`; returns the report (printed by
+  `python -m ast_jax.compile`). `hlo_dir`: also write each optimised program's HLO text there."""
   validate_config(config)
   mesh = make_mesh(config.mesh, target.devices)
   rules = logical_rules(config.sharding_rules)
@@ -360,6 +375,11 @@ def compile_config(config: Any, target: Target, programs: tuple[str, ...] = ("tr
              "programs": []}
     for result in results:
       entry = result.as_dict()
+      if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        entry["hlo_file"] = os.path.join(hlo_dir, f"{plan.phase.name}_{result.name}.hlo.txt")
+        with open(entry["hlo_file"], "w") as file:
+          file.write(result.hlo_text)
       entry["roofline"] = result.roofline(target.peak_flops, target.hbm_bandwidth)
       limit = entry["memory"].get("compiler_limit") or target.hbm_bytes
       entry["fits"] = False if result.compiler_message else None if limit is None else entry["memory"]["total"] <= limit
