@@ -249,3 +249,42 @@ def test_the_audioset_recipes_fit_the_pods_without_edits(arg, topology, chips):
   assert f"does not split over {chips}" in report["batch_note"]
   program = report["phases"][0]["programs"][0]
   assert "all-reduce" in program["collectives"] and program["memory"]["total"] <= 16 * 2**30
+
+
+SLICES = """HloModule slices
+
+%inner (p0: f32[12,1024], p1: s32[]) -> f32[1,1024] {
+  %p0 = f32[12,1024]{1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %ds = f32[1,1024]{1,0} dynamic-slice(%p0, %p1, %zero), dynamic_slice_sizes={1,1024}
+}
+
+%outer (q0: f32[12,1024], q1: s32[]) -> f32[1,1024] {
+  %q0 = f32[12,1024]{1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  ROOT %f = f32[1,1024]{1,0} fusion(%q0, %q1), kind=kLoop, calls=%inner
+}
+
+%update (u0: f32[12,1024], u1: f32[1,1024], u2: s32[]) -> f32[12,1024] {
+  %u0 = f32[12,1024]{1,0} parameter(0)
+  %u1 = f32[1,1024]{1,0} parameter(1)
+  %u2 = s32[] parameter(2)
+  %zero.1 = s32[] constant(0)
+  ROOT %dus = f32[12,1024]{1,0} dynamic-update-slice(%u0, %u1, %u2, %zero.1)
+}
+
+ENTRY %main (a: f32[12,1024], i: s32[]) -> f32[12,1024] {
+  %a = f32[12,1024]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %read = f32[1,1024]{1,0} fusion(%a, %i), kind=kLoop, calls=%outer
+  ROOT %write = f32[12,1024]{1,0} fusion(%a, %read, %i), kind=kLoop, calls=%update
+}
+"""
+
+
+def test_hbm_traffic_of_a_layer_read_from_and_written_into_a_stacked_buffer():
+  """As a scan over layers reads and stores each layer's slice of [layers, ...] buffers: the slice moves, not the
+  buffer, also through a fusion nested in another."""
+  row, index = 1024 * 4, 4
+  assert hbm_traffic(SLICES) == (row + row + index) + (row + row + index)  # read: slice in, row out; write: in place

@@ -144,6 +144,13 @@ def _parse(hlo_text: str) -> _Module:
       sliced.setdefault(current, {})[own_parameters[operands[0]]] = result
     elif opcode == "dynamic-update-slice" and len(operands) > 1 and operands[0] in own_parameters:
       updated.setdefault(current, {})[own_parameters[operands[0]]] = sizes.get(operands[1], 0.0)
+    elif opcode == "fusion":  # a nested fusion that slices or updates one of this computation's parameters
+      inner = re.search(r"calls=%?([\w.\-]+)", rest)
+      for index, operand in enumerate(operands):
+        if inner and operand in own_parameters:
+          for table in (sliced, updated):
+            if index in table.get(inner.group(1), {}):
+              table.setdefault(current, {})[own_parameters[operand]] = table[inner.group(1)][index]
     if opcode == "constant" and re.fullmatch(r"s32\[\](\{.*\})?", shape.strip()):
       module.constants.setdefault(current, []).append(int(re.match(r"(-?\d+)", rest).group(1)))
     if opcode == "while":
