@@ -106,8 +106,11 @@ def print_report(report: dict[str, Any], epoch_clips: int = 0, out: Any = sys.st
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _PROGRAMS.value or set(_PROGRAMS.value) - {"train", "eval"}:
+    raise app.UsageError(f"--programs takes train and/or eval, not {','.join(_PROGRAMS.value)!r}")
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   logging.getLogger("ast_jax").setLevel(logging.INFO)
+  from ast_jax.parallel.topology import TopologyError
   from ast_jax.train.aot import Target, compile_config, search_mesh
   from ast_jax.train.config_checks import ConfigError
 
@@ -123,7 +126,7 @@ def main(argv: list[str]) -> None:
       result = compile_config(_CONFIG.value, target, tuple(_PROGRAMS.value), _STEPS_PER_EPOCH.value, _HLO_DIR.value)
       print_report(result, _EPOCH_CLIPS.value)
       fits = result["fits"]
-  except (ConfigError, ValueError, RuntimeError) as error:
+  except (ConfigError, ValueError, TopologyError) as error:  # a bad config or slice: the message, no traceback
     print(f"error: {error}", file=sys.stderr, flush=True)
     sys.exit(1)
   if _JSON.value:

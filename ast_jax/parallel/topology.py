@@ -23,6 +23,10 @@ from typing import Any
 GIB = 2**30
 
 
+class TopologyError(RuntimeError):
+  """A topology that cannot be described here: libtpu missing, or a slice libtpu does not know."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Chip:
   generation: str  # as in topology names
@@ -86,7 +90,7 @@ def topology_devices(topology: Topology) -> list[Any]:
   try:
     import libtpu  # noqa: F401 - only to give a clear message when it is missing
   except ImportError:
-    raise RuntimeError("compiling for a TPU topology needs libtpu: pip install -r requirements-tpu.txt") from None
+    raise TopologyError("compiling for a TPU topology needs libtpu: pip install -r requirements-tpu.txt") from None
   # A host with no TPU chips has no hostnames or accelerator type for libtpu to read; these defaults keep its start
   # quiet and let several processes compile at once (each takes the TPU lock file otherwise). Real TPU hosts set
   # their own values and are left alone.
@@ -100,13 +104,16 @@ def topology_devices(topology: Topology) -> list[Any]:
   shape3 = topology.shape + (1,) * (3 - len(topology.shape))
   full_torus = len(topology.shape) == 3 and all(size % 4 == 0 for size in topology.shape)
   libtpu_name = f"{_LIBTPU_NAMES[topology.chip.generation]}:{'x'.join(map(str, topology.shape))}"
-  description = topologies.get_topology_desc(
-      libtpu_name, "tpu", chip_config_name="megacore" if topology.chip.megacore else "default",
-      chips_per_host_bounds=tuple(min(size, host) for size, host in zip(shape3, HOST_CHIPS)), num_slices=1,
-      wrap=(full_torus,) * 3)
+  try:
+    description = topologies.get_topology_desc(
+        libtpu_name, "tpu", chip_config_name="megacore" if topology.chip.megacore else "default",
+        chips_per_host_bounds=tuple(min(size, host) for size, host in zip(shape3, HOST_CHIPS)), num_slices=1,
+        wrap=(full_torus,) * 3)
+  except Exception as error:  # noqa: BLE001 - libtpu's runtime error type differs between releases
+    raise TopologyError(f"libtpu cannot describe the slice {topology.name}: {str(error).splitlines()[0]}") from None
   devices = list(description.devices)
   if len(devices) != topology.num_chips:
-    raise RuntimeError(f"libtpu describes {len(devices)} devices for {topology.name}, expected {topology.num_chips}")
+    raise TopologyError(f"libtpu describes {len(devices)} devices for {topology.name}, expected {topology.num_chips}")
   return devices
 
 
