@@ -14,8 +14,8 @@ Reports per program (train step, eval step), per chip:
   known trip count, else the bound its loop condition compares with: a scan over N layers counts N);
 - a roofline step time: the larger of compute (analytic FLOPs per chip / the chip's peak) and memory traffic
   (`hbm_traffic`: each top-level instruction of the optimised program reading its operands and writing its result
-  once, buffers in on-chip memory left out, loops once per trip / the chip's HBM bandwidth). An estimate from the vendor's peak figures, never a
-  measurement. XLA's own `optimal_seconds` is left out (it has come back negative), and its FLOPs and bytes
+  once, buffers in on-chip memory left out, loops once per trip / the chip's HBM bandwidth). An estimate from the
+  vendor's peak figures, never a measurement. XLA's own `optimal_seconds` is left out (it has come back negative), and its FLOPs and bytes
   accessed are reported as they are: they count a loop's body once (scanned layers: about 1/depth of the program).
 """
 
@@ -192,13 +192,14 @@ def _instruction_traffic(result: float, operands: list[float], opcode: str, rest
     return 2 * (operands[1] if len(operands) > 1 else result)
   if opcode == "fusion":
     called = re.search(r"calls=%?([\w.\-]+)", rest)
-    reads, writes = sliced.get(called.group(1), {}) if called else {}, updated.get(called.group(1), {}) if called else {}
+    callee = called.group(1) if called else ""
+    reads, writes = sliced.get(callee, {}), updated.get(callee, {})
     total = result
     for index, size in enumerate(operands):
       if index in writes:  # read and written in place: the update only, and the result is the same buffer
         total += writes[index] - size
-      else:
-        total += reads.get(index, size)
+      else:  # a sliced operand costs its slice (nothing when the operand is on chip)
+        total += min(reads.get(index, size), size)
     return max(total, 0.0)
   return result + sum(operands)
 
