@@ -66,21 +66,32 @@ def checkpoint_meta(workdir: str, step: int) -> dict:
     return json.load(handle)
 
 
-def test_sigterm_mid_epoch_saves_that_step_exits_75_and_the_rerun_matches_an_uninterrupted_run(environment,
-                                                                                                 tmp_path):
+def preempt_mid_epoch(environment: dict[str, str], workdir: str) -> tuple[int, str]:
+  """Runs the demo with SIGTERM after a random mid-epoch step S; checks exit 75, the line, and checkpoints at the
+  epochs' ends before S and at S. Returns (S, a note naming it for assertion messages)."""
   step = random.Random().choice([s for s in range(1, TOTAL_STEPS) if s % STEPS_PER_EPOCH])
   note = f"SIGTERM after step {step}"
+  result = run(environment, workdir, f"term@step:{step}")
+  assert result.returncode == PREEMPTED_EXIT_CODE, f"{note}\n{result.stderr[-3000:]}"
+  assert result.stderr.strip().splitlines()[-1] == preempted_line(step, workdir), note
+  assert "Traceback" not in result.stderr, note
+  epoch_ends = [s for s in range(STEPS_PER_EPOCH, step, STEPS_PER_EPOCH)]
+  assert steps(workdir) == [*epoch_ends, step], note
+  assert checkpoint_meta(workdir, step)["epoch"] == step // STEPS_PER_EPOCH, note  # the epochs completed
+  return step, note
+
+
+def test_sigterm_mid_epoch_saves_that_step_and_exits_75(environment, tmp_path):
+  preempt_mid_epoch(environment, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_that_step_exits_75_and_the_rerun_matches_an_uninterrupted_run(environment,
+                                                                                                 tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   result = run(environment, straight)
   assert result.returncode == 0, result.stderr[-3000:]
-
-  result = run(environment, resumed, f"term@step:{step}")
-  assert result.returncode == PREEMPTED_EXIT_CODE, f"{note}\n{result.stderr[-3000:]}"
-  assert result.stderr.strip().splitlines()[-1] == preempted_line(step, resumed), note
-  assert "Traceback" not in result.stderr, note
-  epoch_ends = [s for s in range(STEPS_PER_EPOCH, step, STEPS_PER_EPOCH)]
-  assert steps(resumed) == [*epoch_ends, step], note
-  assert checkpoint_meta(resumed, step)["epoch"] == step // STEPS_PER_EPOCH, note  # the epochs completed
+  step, note = preempt_mid_epoch(environment, resumed)
 
   result = run(environment, resumed)
   assert result.returncode == 0, f"{note}\n{result.stderr[-3000:]}"
