@@ -15,7 +15,7 @@ import pytest
 
 from ast_jax import overrides
 from ast_jax.models import build_model, example_inputs, init_params
-from ast_jax.train import trainer
+from ast_jax.train import config_checks, trainer
 from ast_jax.train.config_checks import ConfigError
 from ast_jax.train.workdir import check_workdir, checkpoint_bytes
 from configs import demo
@@ -82,15 +82,15 @@ def test_a_batch_that_does_not_split_over_the_data_parallel_devices_names_a_size
   config.data.update(batch_size=12, eval_batch_size=16)
   with pytest.raises(ConfigError, match=r"config.data.batch_size=12 does not split evenly over the 8 data-parallel "
                                         r"devices .* set it to a multiple of 8 \(e.g. --config.data.batch_size=8\)"):
-    trainer.check_batch_divides(config, fake_mesh(data=4, fsdp=2, tensor=2))
+    config_checks.check_batch_divides(config, fake_mesh(data=4, fsdp=2, tensor=2))
   config.data.update(batch_size=16, eval_batch_size=20)
   with pytest.raises(ConfigError, match=r"config.data.eval_batch_size=20 .* --config.data.eval_batch_size=16"):
-    trainer.check_batch_divides(config, fake_mesh(data=4, fsdp=2))
+    config_checks.check_batch_divides(config, fake_mesh(data=4, fsdp=2))
   config.data.update(eval_batch_size=16)
   config.train.grad_accum_steps = 4
   with pytest.raises(ConfigError, match=r"grad_accum_steps=4 micro-batches over 8 .* a multiple of 32"):
-    trainer.check_batch_divides(config, fake_mesh(data=8))
-  trainer.check_batch_divides(config, fake_mesh(data=4))  # 16 = 4 micro-batches x 4 devices
+    config_checks.check_batch_divides(config, fake_mesh(data=8))
+  config_checks.check_batch_divides(config, fake_mesh(data=4))  # 16 = 4 micro-batches x 4 devices
 
 
 def test_an_unwritable_workdir_is_refused_with_the_fix(tmp_path):

@@ -123,7 +123,7 @@ def test_throughput_counts_tokens_and_mfu():
 def test_batch_must_split_into_micro_batches():
   from ast_jax.parallel import make_mesh
   from ast_jax.train.config_checks import ConfigError
-  from ast_jax.train.trainer import check_batch_divides
+  from ast_jax.train.config_checks import check_batch_divides
   from configs import demo
 
   config = demo.get_config()

@@ -61,9 +61,14 @@ class Topology:
     return math.prod(self.shape)
 
   @property
+  def host_bounds(self) -> tuple[int, int, int]:
+    """Chips per host in each of three dimensions (a slice smaller than a host's block has one host)."""
+    shape = self.shape + (1,) * (3 - len(self.shape))
+    return tuple(min(size, host) for size, host in zip(shape, HOST_CHIPS))
+
+  @property
   def num_hosts(self) -> int:
-    per_host = math.prod(min(size, host) for size, host in zip(self.shape + (1,) * (3 - len(self.shape)), HOST_CHIPS))
-    return self.num_chips // per_host
+    return self.num_chips // math.prod(self.host_bounds)
 
   @property
   def slice_name(self) -> str:
@@ -101,13 +106,12 @@ def topology_devices(topology: Topology) -> list[Any]:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
-  shape3 = topology.shape + (1,) * (3 - len(topology.shape))
   full_torus = len(topology.shape) == 3 and all(size % 4 == 0 for size in topology.shape)
   libtpu_name = f"{_LIBTPU_NAMES[topology.chip.generation]}:{'x'.join(map(str, topology.shape))}"
   try:
     description = topologies.get_topology_desc(
         libtpu_name, "tpu", chip_config_name="megacore" if topology.chip.megacore else "default",
-        chips_per_host_bounds=tuple(min(size, host) for size, host in zip(shape3, HOST_CHIPS)), num_slices=1,
+        chips_per_host_bounds=topology.host_bounds, num_slices=1,
         wrap=(full_torus,) * 3)
   except Exception as error:  # noqa: BLE001 - libtpu's runtime error type differs between releases
     raise TopologyError(f"libtpu cannot describe the slice {topology.name}: {str(error).splitlines()[0]}") from None

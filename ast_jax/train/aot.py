@@ -37,12 +37,11 @@ from ast_jax.data.inputs import batch_shapes, clips_per_packed_row
 from ast_jax.models import config_flops, family_of
 from ast_jax.parallel import logical_rules, make_mesh
 from ast_jax.parallel.topology import chip_of, parse_topology, topology_devices
-from ast_jax.train.batch_scaling import batch_fields, scale_to_mesh
-from ast_jax.train.config_checks import ConfigError, validate_config
+from ast_jax.train.batch_scaling import batch_fields
+from ast_jax.train.config_checks import ConfigError, batch_for_mesh, validate_config
 from ast_jax.train.phases import plan_phases
 from ast_jax.train.programs import phase_programs
 from ast_jax.train.throughput import peak_flops_per_device
-from ast_jax.train.trainer import check_batch_divides
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +350,7 @@ def compile_config(config: Any, target: Target, programs: tuple[str, ...] = ("tr
   validate_config(config)
   mesh = make_mesh(config.mesh, target.devices)
   rules = logical_rules(config.sharding_rules)
-  config, note = scale_to_mesh(config, mesh, rules, target.process_count)
-  check_batch_divides(config, mesh, rules, target.process_count)
+  config, note = batch_for_mesh(config, mesh, rules, target.process_count)
   packed = family_of(config).packed_input
   chips = len(target.devices)
   train_field, eval_field = batch_fields(config)

@@ -20,7 +20,8 @@ instead (global batch B = n x devices), and
 Epoch-based schedules (the upstream per-epoch decay) need nothing more: steps per epoch follow from B. Where the
 recipe's batch does split, nothing changes, so a workstation run reproduces the paper's batch exactly. With
 `per_device` = 0 a batch that does not split stops the run before anything loads, naming the flags
-(`trainer.check_batch_divides`).
+(`config_checks.check_batch_divides`; `config_checks.batch_for_mesh` applies both, for the trainer and the
+compiler).
 """
 
 from __future__ import annotations

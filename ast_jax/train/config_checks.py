@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
+import jax
 import ml_collections
 
 from ast_jax.audio.fbank import WINDOW_TYPES
@@ -16,11 +19,14 @@ from ast_jax.models.family import FLEXI_PATCH, TIME_COMPRESSION, Family, familie
 from ast_jax.models.flexi import FLEXI_AXES, flexi_shape
 from ast_jax.models.stack import REMAT_POLICIES
 from ast_jax.models.vit import DTYPES
+from ast_jax.parallel import data_parallel_size
 from ast_jax.train.losses import LOSSES
-from ast_jax.train.batch_scaling import LR_RULES
+from ast_jax.train.batch_scaling import LR_RULES, scale_to_mesh
 from ast_jax.train.metrics import METRICS
 from ast_jax.train.optim import SCHEDULES, WEIGHT_DECAY_MODES
 from ast_jax.train.phases import phases_problems
+
+log = logging.getLogger(__name__)
 
 # Each field's choices, as the module that reads the field names them.
 CHOICES = {
@@ -217,3 +223,41 @@ def _flexi_problems(config: ml_collections.ConfigDict, family: Family) -> list[s
       problems.append(f"patch size {size!r} (model.flexi_patch_sizes / eval_patch_sizes) must be a positive int "
                       f"that fits {config.audio.num_mel_bins} mel bins x {config.audio.target_length} frames")
   return problems
+
+
+def batch_for_mesh(config: ml_collections.ConfigDict, mesh: Any, rules: Any = None, process_count: int = 1
+                   ) -> tuple[ml_collections.ConfigDict, str | None]:
+  """`scale_to_mesh`, its note logged, then `check_batch_divides`: the batch a run on `mesh` trains with, or a
+  ConfigError naming the flags. The trainer and `python -m ast_jax.compile` both start here."""
+  config, note = scale_to_mesh(config, mesh, rules, process_count)
+  if note:
+    log.info("%s", note)
+  check_batch_divides(config, mesh, rules, process_count)
+  return config, note
+
+
+def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any, rules: Any = None,
+                        process_count: int | None = None) -> None:
+  """The global batch must split evenly over the data-parallel devices, the processes and the micro-batches."""
+  dp, accum = data_parallel_size(mesh, rules), config.train.grad_accum_steps
+  processes = jax.process_count() if process_count is None else process_count
+  if family_of(config).packed_input:  # the batch is packed rows of clips
+    sizes = (("packing.rows", config.packing.rows),
+             ("packing.eval_rows", config.packing.eval_rows or config.packing.rows))
+  else:
+    sizes = (("data.batch_size", config.data.batch_size),
+             ("data.eval_batch_size", config.data.eval_batch_size or config.data.batch_size))
+  for name, size in sizes:
+    unit = math.lcm(dp, processes)
+    if size % unit:
+      raise ConfigError(f"config.{name}={size} does not split evenly over the {dp} data-parallel devices (mesh "
+                        f"{dict(mesh.shape)}) and {processes} process(es): set it to a multiple of {unit} "
+                        f"(e.g. --config.{name}={max(unit, size // unit * unit)}), train on a batch per device "
+                        "(e.g. --config.batch_scaling.per_device=8: ast_jax/train/batch_scaling.py), or change "
+                        "config.mesh")
+  unit = accum * dp
+  name, size = sizes[0]
+  if size % unit:
+    raise ConfigError(f"config.{name}={size} does not split into grad_accum_steps={accum} micro-batches over {dp} "
+                      f"data-parallel devices: set it to a multiple of {unit} (e.g. --config.{name}="
+                      f"{max(unit, size // unit * unit)}) or change train.grad_accum_steps")

@@ -8,6 +8,8 @@ from typing import Any
 
 import jax
 
+from ast_jax.parallel.topology import CHIPS
+
 # Dense (non-sparse) peak FLOP/s per device from the vendors' spec sheets, matched as a substring of
 # `jax.Device.device_kind`, most specific first. "tf32" is the fp32-input tensor-core rate (used for float32 only
 # when the matmul precision lets XLA use TF32); "fp32" is the non-tensor-core rate.
@@ -20,11 +22,8 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H200", {"bfloat16": 989e12, "tf32": 494e12, "fp32": 67e12}),
     # NVIDIA A100 Tensor Core GPU datasheet (SXM and PCIe share these rates).
     ("A100", {"bfloat16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
-    # Google Cloud TPU system architecture pages: v6e (Trillium), v5e, v5p, v4; bf16 peak per chip.
-    ("TPU v6 lite", {"bfloat16": 918e12}),
-    ("TPU v5 lite", {"bfloat16": 197e12}),
-    ("TPU v5", {"bfloat16": 459e12}),
-    ("TPU v4", {"bfloat16": 275e12}),
+    # TPUs: the chip table of parallel/topology.py (bf16 peak per chip; "TPU v5 lite" before "TPU v5").
+    *((chip.device_kind, {"bfloat16": chip.peak_flops}) for chip in CHIPS.values()),
 )
 
 # jax_default_matmul_precision settings: XLA's default lets NVIDIA GPUs run float32 matmuls on TF32 tensor cores

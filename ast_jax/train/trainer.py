@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Any
@@ -20,14 +19,13 @@ from ast_jax.data.inputs import build_input
 from ast_jax.models import build_model, config_flops, example_inputs, family_of
 from ast_jax.models.flexi import flexi_patch_probs, flexi_patch_sizes
 from ast_jax.models.layers import to_layout, unscan_layers
-from ast_jax.parallel import (create_sharded, data_parallel_size, global_batch, logical_rules,
+from ast_jax.parallel import (create_sharded, global_batch, logical_rules,
                               make_mesh, put_host_tree, to_host)
 from ast_jax.parallel.sharding import partitioning, shardings_of
 from ast_jax.train import state as state_lib
 from ast_jax.train import faults
-from ast_jax.train.batch_scaling import scale_to_mesh
 from ast_jax.train.checkpoint import Checkpointer, CorruptCheckpoint
-from ast_jax.train.config_checks import ConfigError, validate_config
+from ast_jax.train.config_checks import ConfigError, batch_for_mesh, validate_config
 from ast_jax.train.evaluate import evaluate_params
 from ast_jax.train.phases import PhasePlan, carry_params, phase_of_checkpoint, plan_phases
 from ast_jax.train.preemption import PreemptionWatch
@@ -68,10 +66,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = make_mesh(config.mesh)
   except ValueError as error:  # e.g. a mesh needing more devices than there are
     raise ConfigError(str(error)) from None
-  config, note = scale_to_mesh(config, mesh, logical_rules(config.sharding_rules), jax.process_count())
-  if note:
-    log.info("%s", note)
-  check_batch_divides(config, mesh, logical_rules(config.sharding_rules))
+  config = batch_for_mesh(config, mesh, logical_rules(config.sharding_rules), jax.process_count())[0]
   check_workdir(workdir, checkpoint_bytes(config))
   while True:
     try:
@@ -364,33 +359,6 @@ class PatchSteps:
     log.info("train step for patch %dx%d compiled and run in %.1f s (%d shapes compiled)", *patch,
              time.perf_counter() - start, len(self.steps))
     return state, metrics
-
-
-def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any, rules: Any = None,
-                        process_count: int | None = None) -> None:
-  """The global batch must split evenly over the data-parallel devices, the processes and the micro-batches."""
-  dp, accum = data_parallel_size(mesh, rules), config.train.grad_accum_steps
-  processes = jax.process_count() if process_count is None else process_count
-  if family_of(config).packed_input:  # the batch is packed rows of clips
-    sizes = (("packing.rows", config.packing.rows),
-             ("packing.eval_rows", config.packing.eval_rows or config.packing.rows))
-  else:
-    sizes = (("data.batch_size", config.data.batch_size),
-             ("data.eval_batch_size", config.data.eval_batch_size or config.data.batch_size))
-  for name, size in sizes:
-    unit = math.lcm(dp, processes)
-    if size % unit:
-      raise ConfigError(f"config.{name}={size} does not split evenly over the {dp} data-parallel devices (mesh "
-                        f"{dict(mesh.shape)}) and {processes} process(es): set it to a multiple of {unit} "
-                        f"(e.g. --config.{name}={max(unit, size // unit * unit)}), train on a batch per device "
-                        "(e.g. --config.batch_scaling.per_device=8: ast_jax/train/batch_scaling.py), or change "
-                        "config.mesh")
-  unit = accum * dp
-  name, size = sizes[0]
-  if size % unit:
-    raise ConfigError(f"config.{name}={size} does not split into grad_accum_steps={accum} micro-batches over {dp} "
-                      f"data-parallel devices: set it to a multiple of {unit} (e.g. --config.{name}="
-                      f"{max(unit, size // unit * unit)}) or change train.grad_accum_steps")
 
 
 def _summary(record: dict[str, Any]) -> str:
