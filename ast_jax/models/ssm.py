@@ -15,7 +15,9 @@ Implementations (`method`):
   keeps only its inputs and the state entering each chunk of `chunk_size` steps; the backward pass recomputes one
   chunk's states at a time and runs the adjoint recurrence g_l = C_l dy_l + exp(delta_{l+1} A) g_{l+1} the other
   way. A network of many scans then holds no [length, channels, state] residuals between its forward and backward
-  passes, and the backward pass one chunk's (the default on CPU: docs/RESULTS.md).
+  passes, and the backward pass one chunk's (the default on CPU: docs/RESULTS.md);
+- `pallas`: `recompute` as a Pallas TPU kernel (ssm_pallas.py): the state stays on chip through the length, the
+  same residuals; interpreted on CPU (for tests), an error on GPU.
 Every implementation runs in float32 (or float64 when given float64) and is differentiable by JAX autodiff.
 `reverse=True` scans from the end (the backward direction of bidirectional Mamba without flipping arrays).
 `resets` `[batch, length]` (bool) marks the steps where the scan starts from a zero state, in the scan's direction
@@ -29,7 +31,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-SCAN_METHODS = ("sequential", "associative", "chunked", "recompute")
+from ast_jax.models import ssm_pallas
+
+SCAN_METHODS = ("sequential", "associative", "chunked", "recompute", "pallas")
 
 
 def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:
@@ -190,13 +194,20 @@ def _chunked(u, delta, A, B, C, resets, reverse, chunk_size):
   return y[:, :length]
 
 
-@functools.partial(jax.jit, static_argnames=("method", "chunk_size", "reverse"))
 def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
                    D: jax.Array | None = None, *, resets: jax.Array | None = None, method: str = "chunked",
                    chunk_size: int = 128, reverse: bool = False) -> jax.Array:
   """y `[batch, length, channels]` of the selective scan (module docstring), in the promoted float dtype (at least
   float32). u, delta `[batch, length, channels]`; A `[channels, state]`; B, C `[batch, length, state]`; D
   `[channels]` or None; resets `[batch, length]` bool or None."""
+  # The kernel's platform and rules are static: a trace cached for the CPU must not serve a TPU compile.
+  where = ssm_pallas.placement(jnp.shape(u)) if method == "pallas" else None
+  return _selective_scan(u, delta, A, B, C, D, resets=resets, method=method, chunk_size=chunk_size, reverse=reverse,
+                         where=where)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "chunk_size", "reverse", "where"))
+def _selective_scan(u, delta, A, B, C, D, *, resets, method, chunk_size, reverse, where):
   if method not in SCAN_METHODS:
     raise ValueError(f"selective scan method {method!r} is not one of {SCAN_METHODS}")
   if u.ndim != 3 or delta.shape != u.shape or A.ndim != 2 or A.shape[0] != u.shape[-1]:
@@ -220,6 +231,8 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
       y = _recompute(u, delta, A, B, C, resets, chunk)
   elif method == "associative":
     y = _associative(u, delta, A, B, C, resets, reverse)
+  elif method == "pallas":
+    y = ssm_pallas.pallas_scan(u, delta, A, B, C, resets, reverse=reverse, chunk_size=chunk_size, where=where)
   else:
     y = _chunked(u, delta, A, B, C, resets, reverse, chunk_size)
   if D is not None:
