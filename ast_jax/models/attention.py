@@ -7,26 +7,37 @@
   allocator: an AST-tiny train step at 1212 tokens, batch 4, on 2 CPU cores takes 1.50 s with either under
   tcmalloc, but 3.24 s (`xla`) against 1.81 s (`blockwise`) under glibc's malloc, with 3.6 GB against 1.4 GB of
   XLA buffers (docs/RESULTS.md).
-- `cudnn`: `jax.nn.dot_product_attention`'s fused cuDNN kernel (NVIDIA GPUs, bf16/fp16).
-- `auto`: `blockwise` on CPU, `cudnn` on GPU for 16-bit compute, otherwise `xla` (XLA fuses it well on TPU).
+- `splash`: Pallas splash attention, the flash-attention kernel for TPU (`ast_jax/models/splash.py`): lengths
+  padded to a multiple of 128, segment ids passed to the kernel, run per shard under a mesh. Interpret mode off TPU
+  (tests); refused on GPU.
+- `cudnn`: `jax.nn.dot_product_attention`'s fused cuDNN kernel (NVIDIA GPUs, bf16/fp16). With segment ids it uses
+  cuDNN's packed layout (per-row segment lengths and offsets, `ast_jax/models/cudnn_packed.py`), falling back to a
+  dense mask where that layout is unavailable.
+- `auto`: `blockwise` on CPU, `splash` on TPU, `cudnn` on GPU for 16-bit compute, otherwise `xla`.
 
 All take query (already scaled), key and value `[batch, length, heads, head_dim]` and either an optional boolean
 mask broadcastable to `[batch, heads, length, length]` (True = may attend) or, for self-attention over packed rows,
 segment ids `[batch, length]` (0 = padding, k > 0 = the row's k-th clip: a token attends to its own clip only, and
 padding to nothing), the same function as the mask `segment_mask(segment_ids)`. `blockwise` builds each query
-block's `[block, length]` mask from the ids, so no `[length, length]` array exists; `xla` and `cudnn` build the dense
-mask. The softmax runs in float32. A query that may attend to nothing (padding) gets the mean of all values, as a
-softmax over equal logits gives, with the same finite values and gradients in `xla` and `blockwise`.
+block's `[block, length]` mask from the ids, so no `[length, length]` array exists; `xla` builds the dense mask.
+The softmax runs in float32. A query that may attend to nothing (padding) gets the mean of all values, as a
+softmax over equal logits gives, with the same finite values and gradients in `xla` and `blockwise`. The kernels
+differ at padding positions only, whose outputs no real token sees: `splash` gives padding its attention over
+the padding's values (padding attends to padding), packed `cudnn` gives zeros. `splash` takes no dense mask (`auto`
+then picks `xla` on TPU).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from ast_jax import target
+from ast_jax.models import cudnn_packed
 
-IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
 BLOCK_QUERIES = 256  # on a 2-core CPU at 1212 tokens 64 and 128 were slower, 256 to 512 alike (256 x 1214: 1.2 MB)
 UNROLL_BLOCKS = 8  # a row's block loop unrolled (up to 8 blocks): loop overhead was ~15 % of attention time on CPU
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -40,6 +51,8 @@ def resolve(implementation: str, dtype: jnp.dtype) -> str:
   backend = target.platform()
   if backend == "cpu":
     return "blockwise"
+  if backend == "tpu":
+    return "splash"
   if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   return "xla"
@@ -63,20 +76,34 @@ def _check_segments(query: jax.Array, key: jax.Array, mask: jax.Array | None, se
 
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None = None,
-           implementation: str = "auto", *, segment_ids: jax.Array | None = None) -> jax.Array:
+           implementation: str = "auto", *, segment_ids: jax.Array | None = None,
+           max_segments: int | None = None) -> jax.Array:
   """softmax(q k^T) v, `[batch, length, heads, head_dim]` in and out (q pre-scaled), masked by `mask` or by
-  `segment_ids` `[batch, length]` (at most one of the two)."""
+  `segment_ids` `[batch, length]` (at most one of the two). `max_segments`: the most clips a row holds (packed
+  `cudnn` only; default the row length)."""
   _check_segments(query, key, mask, segment_ids)
-  implementation = resolve(implementation, query.dtype)
-  if implementation == "blockwise":
+  chosen = resolve(implementation, query.dtype)
+  if chosen == "splash" and mask is not None:
+    if implementation != "auto":
+      raise ValueError("attention='splash' takes segment ids, not a dense mask; use 'xla' or 'blockwise' for masks")
+    chosen = "xla"
+  if chosen == "blockwise":
     batch, length, heads, _ = query.shape
     if mask is not None:
       mask = jnp.broadcast_to(mask, (batch, heads, length, key.shape[1]))
     return _blockwise(query, key, value, mask, segment_ids)
+  if chosen == "splash":
+    from ast_jax.models import splash  # Pallas is imported only where the kernel runs
+
+    return splash.splash_attention(query, key, value, segment_ids)
+  if chosen == "cudnn":
+    cudnn = functools.partial(jax.nn.dot_product_attention, query, key, value, scale=1.0, implementation="cudnn")
+    if segment_ids is None:
+      return cudnn(mask=mask)
+    return cudnn_packed.attention_or_fallback(query, key, value, segment_ids, max_segments,
+                                              lambda: cudnn(mask=segment_mask(segment_ids)))
   if segment_ids is not None:
     mask = segment_mask(segment_ids)
-  if implementation == "cudnn":
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0, implementation="cudnn")
   return dense_attention(query, key, value, mask)
 
 

@@ -89,7 +89,7 @@ class ElasticAST(nn.Module):
                       self.layer_norm_eps, self.scale_logits, attention=self.attention, remat=self.remat,
                       scan_layers=self.scan_layers, dtype=self.dtype, name="encoder")
     # Each token attends to its own clip only: the blockwise kernel masks block by block from the segment ids.
-    tokens = encoder(tokens, segment_ids=segment_ids, train=train)
+    tokens = encoder(tokens, segment_ids=segment_ids, max_segments=layout.clips, train=train)
     if self.pooling == "attention":
       pooled = ClipAttentionPool(self.num_heads, self.dtype, name="pool")(tokens, segment_ids, layout.clips)
     else:

@@ -109,6 +109,7 @@ class Attention(nn.Module):
   dropout: float = 0.0
   scale_logits: bool = True  # ElasticAST's released weights were trained without 1/sqrt(d_head)
   implementation: str = "auto"  # ast_jax/models/attention.py
+  max_segments: int = 0  # the most segments a row holds (packed cuDNN's segment grid); 0: the row length
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -130,7 +131,8 @@ class Attention(nn.Module):
       weights = nn.Dropout(self.dropout)(weights, deterministic=False)
       mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
     else:
-      mixed = attend(query, key, value, mask, self.implementation, segment_ids=segment_ids)
+      mixed = attend(query, key, value, mask, self.implementation, segment_ids=segment_ids,
+                     max_segments=self.max_segments or None)
     mixed = constrain(mixed, "batch", "length", "act_heads", None)
     return HeadsDense((width,), 2, ("heads", None, "embed"), ("embed",), self.dtype, name="proj")(mixed)
 
@@ -161,6 +163,7 @@ class Block(nn.Module):
   layer_norm_eps: float = 1e-6
   scale_logits: bool = True
   attention: str = "auto"
+  max_segments: int = 0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -168,8 +171,8 @@ class Block(nn.Module):
                segment_ids: jax.Array | None = None) -> jax.Array:
     tokens = constrain(tokens, "batch", "length", "act_embed")
     normed = layer_norm(self.layer_norm_eps, self.dtype, "norm1")(tokens)
-    attended = Attention(self.num_heads, self.attention_dropout, self.scale_logits, self.attention, self.dtype,
-                         name="attn")(normed, mask, segment_ids=segment_ids, train=train)
+    attended = Attention(self.num_heads, self.attention_dropout, self.scale_logits, self.attention, self.max_segments,
+                         self.dtype, name="attn")(normed, mask, segment_ids=segment_ids, train=train)
     tokens = tokens + nn.Dropout(self.dropout)(attended, deterministic=not train)
     normed = layer_norm(self.layer_norm_eps, self.dtype, "norm2")(tokens)
     hidden = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(normed, train=train)
@@ -206,11 +209,13 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
-    """tokens `[batch, length, width]`; an optional mask or segment ids `[batch, length]` as `Attention` takes."""
+               max_segments: int = 0, train: bool = False) -> jax.Array:
+    """tokens `[batch, length, width]`; an optional mask or segment ids `[batch, length]` as `Attention` takes, with
+    at most `max_segments` segments per row (0: unknown)."""
     fields = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
                   attention_dropout=self.attention_dropout, layer_norm_eps=self.layer_norm_eps,
-                  scale_logits=self.scale_logits, attention=self.attention, dtype=self.dtype)
+                  scale_logits=self.scale_logits, attention=self.attention, max_segments=max_segments,
+                  dtype=self.dtype)
     # Blocks take (tokens, mask, train, segment_ids): nn.remat counts `self`, so `train` is static argument 3.
     tokens = stack_blocks(_ScanBlock, fields, tokens, mask, train, segment_ids, depth=self.depth,
                           scan_layers=self.scan_layers, remat=self.remat, static_argnums=(3,))
