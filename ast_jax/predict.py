@@ -115,7 +115,7 @@ def main(argv: list[str]) -> None:
   from ast_jax.models import family_of
 
   family = family_of(bundle.config)
-  if family.packed_input:
+  if family.trains_packed(bundle.config):
     sys.exit(f"error: {_CHECKPOINT.value} holds a {family.name!r} model, trained on packed rows; predict runs "
              "whole-clip models (evaluate it with its config: python -m ast_jax.sweep --config=... --workdir=...)")
   names = model_dir.label_names_from_csv(_LABEL_CSV.value)[0] if _LABEL_CSV.value else bundle.label_names

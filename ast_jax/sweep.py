@@ -45,7 +45,7 @@ def sweep_workdir(config, workdir: str) -> list[dict]:
     raise ConfigError("nothing to sweep: set config.eval_sweep.lengths, config.eval_sweep.resolutions or "
                       "config.eval_patch_sizes")
   mesh, rules = make_mesh(config.mesh), logical_rules(config.sharding_rules)
-  inputs = build_input(config, data_lib.build_sources(config), packed=family_of(config).packed_input)
+  inputs = build_input(config, data_lib.build_sources(config), packed=family_of(config).trains_packed(config))
   bundle = load_model_dir(os.path.join(workdir, "model"))
   params = to_layout(jax.tree.map(np.float32, bundle.params), config.model.scan_layers)
   return run_sweep(config, params, inputs, mesh, rules, param_shardings(config, mesh, rules), workdir)

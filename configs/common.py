@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
       dropout=0.0,
       attention_dropout=0.0,
       dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and optimiser state stay float32)
-      attention="auto",  # auto | xla | blockwise | cudnn: see ast_jax/models/attention.py (auto: best per platform)
+      attention="auto",  # auto | xla | blockwise | splash | cudnn: ast_jax/models/attention.py (auto: per platform)
       remat="none",  # rematerialise each block: none | full | dots (keep matmul outputs) | dots_no_batch
       scan_layers=False,  # nn.scan over the blocks: one compiled block, stacked [depth, ...] parameters
       layer_norm_eps=1e-6,  # backbone LayerNorms (timm); Hugging Face checkpoints use 1e-12 everywhere
@@ -196,7 +196,7 @@ def base_config() -> ml_collections.ConfigDict:
 def elastic(config: ml_collections.ConfigDict, **packing) -> ml_collections.ConfigDict:
   """Turns a recipe into ElasticAST (docs/BACKGROUND.md section 2): the same ViT backbone on clips of their own
   length packed into rows of `row_tokens` tokens, non-overlapping patches with factorised frequency/time positions,
-  attention masked to each clip, and one pooled output per clip. `packing` overrides the packing fields below."""
+  attention masked to each clip, and one pooled output per clip. `packing` overrides `packed_rows`'s fields."""
   config.model.update(name="elastic", fstride=config.model.patch_size,
                       tstride=config.model.get("patch_time") or config.model.patch_size)
   config.model.patch_time = config.model.get("patch_time", 0)  # > 0: rectangular patches, this many frames
@@ -204,6 +204,13 @@ def elastic(config: ml_collections.ConfigDict, **packing) -> ml_collections.Conf
   config.model.positions = "integer"  # integer: in-clip patch index; fractional: any length spans the table
   config.model.scale_logits = True  # False: upstream's unscaled attention logits (for its released weights)
   config.model.max_time_patches = 0  # time-table rows; 0: packing.max_frames // patch_size
+  return packed_rows(config, **packing)
+
+
+def packed_rows(config: ml_collections.ConfigDict, **packing) -> ml_collections.ConfigDict:
+  """Trains and evaluates the recipe's model on rows of `row_tokens` tokens packed with whole clips of their own
+  length (ElasticAST's input; AuM takes it too, with a CLS token and a fresh scan state per clip). `packing`
+  overrides the fields below."""
   config.packing = ml_collections.ConfigDict(dict(
       rows=8,  # rows per global batch (split over the data-parallel devices)
       eval_rows=0,  # 0: rows
@@ -233,10 +240,11 @@ def aum(config: ml_collections.ConfigDict, variant: str = "base", **model) -> ml
   config.model.expand = 2
   config.model.dt_rank = 0  # 0: ceil(width / 16)
   config.model.norm_eps = 1e-5
-  # Selective scan implementation (models/ssm.py): auto (recompute on CPU, chunked on GPU/TPU) | sequential |
-  # associative | chunked | recompute.
+  # Selective scan implementation (models/ssm.py): auto (recompute on CPU, pallas on TPU, chunked on GPU) |
+  # sequential | associative | chunked | recompute | pallas (the Mosaic kernel, models/ssm_pallas.py).
   config.model.scan = "auto"
   config.model.scan_chunk = 128
+  config.model.max_time_patches = 0  # packed rows (packed_rows(config)): time-table rows; 0: packing.max_frames // 16
   config.model.update(model)
   return config
 

@@ -56,9 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "speaker":
     config.data.update(split="speaker", held_out="theo")
   elif arg not in (None, "", "smoke", "elastic", "elastic_smoke", "flexi", "patch8", "patch16", "coarse_to_fine",
-                   "aum_tiny", "ast_tiny", "aum_smoke"):
+                   "aum_tiny", "ast_tiny", "aum_smoke", "aum_packed", "aum_packed_smoke"):
     raise ValueError(f"configs/fsdd.py takes no argument, 'speaker', 'elastic', 'flexi', 'patch8', 'patch16', "
-                     f"'coarse_to_fine', 'aum_tiny', 'ast_tiny' or 'smoke', not {arg!r}")
+                     f"'coarse_to_fine', 'aum_tiny', 'ast_tiny', 'aum_packed' or 'smoke', not {arg!r}")
   config.audio.update(num_mel_bins=64, low_freq=20.0, high_freq=4000.0, target_length=100,
                       mean=FSDD_STATS[0], std=FSDD_STATS[1])
   config.augment.update(mixup=0.0, freq_mask=12, time_mask=20, roll=10)
@@ -93,6 +93,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       common.aum(config, "tiny")
     config.train.epochs = 10
     config.eval_sweep.update(lengths=(), resolutions=())
-  if arg in ("smoke", "elastic_smoke", "aum_smoke"):
+  if arg in ("aum_packed", "aum_packed_smoke"):
+    # AuM-tiny on ElasticAST's packed rows: every clip at its own length and resolution, a CLS token and a fresh
+    # scan state per clip; 16x16 patches as :aum_tiny (4 x frames/16 tokens per clip). One row of 160 tokens holds
+    # about 29 clips, so the steps per epoch and the warm-up match :aum_tiny's batch of 32.
+    common.aum(config, "tiny")
+    common.packed_rows(config, rows=1, row_tokens=160, max_clips=32, max_frames=240, drop_rate=0.0,
+                       resolutions=tuple(round(1.0 + 0.2 * i, 1) for i in range(9)))
+    config.train.epochs = 10
+  if arg in ("smoke", "elastic_smoke", "aum_smoke", "aum_packed_smoke"):
     common.shrink_for_smoke_test(config)
   return config

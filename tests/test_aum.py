@@ -12,7 +12,8 @@ import pytest
 
 from ast_jax.convert.aum import from_upstream, to_upstream
 from ast_jax.models import init_params
-from ast_jax.models.aum import CLS_POSITIONS, AuM, MambaMixer, cls_positions, prefix_order, sequence_order
+from ast_jax.models.aum import CLS_POSITIONS, AuM, cls_positions, prefix_order, sequence_order
+from ast_jax.models.mamba import MambaMixer
 from ast_jax.models.ssm import selective_scan
 
 

@@ -121,7 +121,7 @@ def _has_scan(case: Case) -> bool:
 
 def check_cases(cases: Sequence[Case]) -> None:
   """Fails before any timing when a case names an unknown variant, dtype or switch, or a too-short input."""
-  from ast_jax.models.aum import SCANS
+  from ast_jax.models.mamba import SCANS
 
   for case in cases:
     if case.backbone not in BACKBONES:
@@ -230,7 +230,7 @@ def time_jax_case(case: Case, config: ml_collections.ConfigDict, device: jax.Dev
 def case_row(case: Case, config: ml_collections.ConfigDict, device: jax.Device, timings: dict[str, Any], *,
              warmup: int, repeats: int, peak_override: float = 0.0) -> dict[str, Any]:
   """One CSV row: the case, its timings and the throughput, FLOP rate and MFU derived from them."""
-  from ast_jax.models.aum import resolve_scan
+  from ast_jax.models.mamba import resolve_scan
 
   counts = config_flops(config)
   kwargs = family_of(config).kwargs(config)

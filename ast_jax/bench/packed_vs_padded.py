@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 def padded_ast_config(config: ml_collections.ConfigDict, longest_frames: int, batch: int) -> ml_collections.ConfigDict:
   """The same backbone and patches as an AST: every clip padded to `longest_frames` (rounded up to whole patches)."""
   patch, patch_time = patch_of(config.model)
-  ast = ml_collections.ConfigDict(config.to_dict())
+  ast = ml_collections.ConfigDict({key: value for key, value in config.to_dict().items() if key != "packing"})
   ast.model.name = "ast"
   ast.model.update(fstride=patch, tstride=patch_time)
   ast.audio.target_length = -(-longest_frames // patch_time) * patch_time
@@ -65,7 +65,7 @@ def time_case(name: str, config: ml_collections.ConfigDict, sources: Any) -> dic
 
   config.mesh.update(data=1, fsdp=1, tensor=1)
   mesh, rules = make_mesh(config.mesh, jax.devices()[:1]), logical_rules(config.sharding_rules)
-  inputs = build_input(config, sources, packed=family_of(config).packed_input)
+  inputs = build_input(config, sources, packed=family_of(config).trains_packed(config))
   model = build_model(config)
   schedule = make_schedule(config.optim, inputs.steps_per_epoch, 10 * inputs.steps_per_epoch)
   tx = make_optimizer(config.optim, schedule)
@@ -134,7 +134,7 @@ def main(argv: list[str]) -> None:
   from ast_jax.models import family_of
 
   config = _CONFIG.value
-  if config is None or not family_of(config).packed_input:
+  if config is None or not family_of(config).trains_packed(config):
     raise app.UsageError("--config must be an ElasticAST config (e.g. configs/fsdd.py:elastic)")
   sources = data_lib.build_sources(config)
   spec = packing_spec(config)

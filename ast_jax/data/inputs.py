@@ -2,7 +2,7 @@
 
 - `FixedInput`: whole-clip rows, every clip padded or cut to `audio.target_length` (AST, AuM);
 - `PackedInput`: rows of `packing.row_tokens` tokens packed with whole clips of any length (families whose
-  `packed_input` is set: ElasticAST).
+  `trains_packed(config)`: ElasticAST, and AuM given a packing section).
 
 Both give the steps per epoch, the endless training iterator and evaluation passes, optionally at another length
 cap or frame-shift resolution q.
@@ -153,7 +153,7 @@ class PackedInput:
 
 
 def build_input(config: ml_collections.ConfigDict, sources: Sources, *, packed: bool) -> FixedInput | PackedInput:
-  """Packed rows when the model family trains on them (`Family.packed_input`), else whole-clip rows."""
+  """Packed rows when the model family trains on them (`Family.trains_packed`), else whole-clip rows."""
   return PackedInput(config, sources) if packed else FixedInput(config, sources)
 
 

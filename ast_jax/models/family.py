@@ -26,7 +26,8 @@ FAMILIES = ("ast", "elastic", "aum")
 # Cross-cutting config options a family may support (anything not listed is refused by the config checks):
 FLEXI_PATCH = "flexi_patch"  # another patch shape at run time: model.flexi_patch_sizes, eval_patch_sizes, run_patch
 TIME_COMPRESSION = "time_compression"  # audio.time_pool and train.phases (coarse-to-fine training)
-OPTIONS = (FLEXI_PATCH, TIME_COMPRESSION)
+PACKED_ROWS = "packed_rows"  # packed rows when the config has a packing section (configs.common.packed_rows)
+OPTIONS = (FLEXI_PATCH, TIME_COMPRESSION, PACKED_ROWS)
 
 
 def whole_clip_example(config: Any) -> tuple[jax.Array, ...]:
@@ -48,7 +49,7 @@ class Family:
 
   `model(num_classes=..., **kwargs(config))` is the Linen module; its `__call__(spectrogram, layout=None, *,
   train, patch=None)` returns (logits, {"embedding": ..., ...}) for whole-clip rows `[rows, frames, mel_bins]`
-  (logits `[rows, classes]`) or, when `packed_input`, packed rows `[rows, clips, frames, mel_bins]` with a
+  (logits `[rows, classes]`) or, when `trains_packed(config)`, packed rows `[rows, clips, frames, mel_bins]` with a
   `models.tokens.TokenLayout` (logits `[rows, clips, classes]`).
   `flops(config)` returns the analytic count as `models/flops.py:config_flops` documents.
   """
@@ -59,12 +60,17 @@ class Family:
   flops: Callable[[Any], dict[str, float]]
   problems: Callable[[Any], list[str]] = no_problems
   example_inputs: Callable[[Any], tuple[Any, ...]] = whole_clip_example
-  packed_input: bool = False  # trains on packed rows of clips of any length (data/packed_batches.py), not whole clips
+  packed_input: bool = False  # always trains on packed rows of clips of any length (data/packed_batches.py)
   weight_formats: tuple[str, ...] = ("ast_jax",)  # read and written by ast_jax.convert and config.init_from
   options: frozenset[str] = frozenset()  # of OPTIONS
 
   def build(self, config: Any) -> nn.Module:
     return self.model(num_classes=config.num_classes, **self.kwargs(config))
+
+  def trains_packed(self, config: Any) -> bool:
+    """Whether `config` trains and evaluates this family on packed rows (ElasticAST always; a family with the
+    PACKED_ROWS option when the config has a packing section) rather than whole-clip rows."""
+    return self.packed_input or (PACKED_ROWS in self.options and "packing" in config)
 
 
 def family_of(name_or_config: Any) -> Family:

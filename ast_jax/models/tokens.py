@@ -117,9 +117,17 @@ class PatchProjection(nn.Module):
 
   @nn.compact
   def __call__(self, image: jax.Array, patch: tuple[int, int] | None = None) -> jax.Array:
+    """image `[rows, mel_bins, frames, channels]`, or the vectors `[rows, tokens, patch_freq * patch_time]` of
+    non-overlapping patches (`patchify`'s order) projected by the same one-channel kernel."""
+    vectors = image.ndim == 3
     kernel = self.param("kernel", with_names(nn.initializers.lecun_normal(), None, None, None, "embed"),
-                        (*self.shape, image.shape[-1], self.width))
+                        (*self.shape, 1 if vectors else image.shape[-1], self.width))
     bias = self.param("bias", with_names(nn.initializers.zeros_init(), "embed"), (self.width,))
+    if vectors:
+      if patch is not None and tuple(patch) != tuple(self.shape):
+        raise ValueError(f"patch vectors are projected at the stored {tuple(self.shape)} patch, not {tuple(patch)}")
+      image, kernel, bias = nn.dtypes.promote_dtype(image, kernel, bias, dtype=self.dtype)
+      return image @ kernel.reshape(-1, self.width) + bias
     strides = self.strides
     if patch is not None and tuple(patch) != tuple(self.shape):
       kernel, strides = resize_patch_kernel(kernel, tuple(patch)), scaled_strides(self.shape, strides, patch)
@@ -139,8 +147,12 @@ class PatchEmbed(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, spectrogram: jax.Array, patch: Patch | None = None) -> jax.Array:
-    """spectrogram `[rows, frames, mel_bins]` -> tokens `[rows, freq * time, width]`."""
+  def __call__(self, spectrogram: jax.Array, patch: Patch | None = None, *, patchified: bool = False) -> jax.Array:
+    """spectrogram `[rows, frames, mel_bins]` -> tokens `[rows, freq * time, width]`; with `patchified`, the
+    vectors `[rows, tokens, patch_freq * patch_time]` of non-overlapping patches (packed rows) -> `[rows, tokens,
+    width]`, the same projection as the conv with strides equal to the patch."""
+    if patchified:
+      return PatchProjection(self.width, tuple(self.patch), tuple(self.strides), self.dtype, name="proj")(spectrogram)
     image = jnp.swapaxes(spectrogram, 1, 2)[..., None]
     patches = PatchProjection(self.width, tuple(self.patch), tuple(self.strides), self.dtype, name="proj")(image, patch)
     rows, freq, time, width = patches.shape

@@ -40,7 +40,7 @@ LR_RULES = ("sqrt", "linear", "none")  # config.batch_scaling.lr_rule
 def batch_fields(config: ml_collections.ConfigDict) -> tuple[str, str]:
   """The config fields of the global train and eval batch: ('data.batch_size', 'data.eval_batch_size') for whole
   clips, ('packing.rows', 'packing.eval_rows') for packed rows."""
-  if family_of(config).packed_input:
+  if family_of(config).trains_packed(config):
     return "packing.rows", "packing.eval_rows"
   return "data.batch_size", "data.eval_batch_size"
 

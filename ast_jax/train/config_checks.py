@@ -15,7 +15,7 @@ from ast_jax.audio.patches import patch_of, strides_of
 from ast_jax.data.scan import BAD_AUDIO_MODES, SCAN_MODES
 from ast_jax.data.sources import SOURCES
 from ast_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from ast_jax.models.family import FLEXI_PATCH, TIME_COMPRESSION, Family, families_with, family_of
+from ast_jax.models.family import FLEXI_PATCH, PACKED_ROWS, TIME_COMPRESSION, Family, families_with, family_of
 from ast_jax.models.flexi import FLEXI_AXES, flexi_shape
 from ast_jax.models.stack import REMAT_POLICIES
 from ast_jax.models.vit import DTYPES
@@ -102,6 +102,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     problems.append(str(error))
   else:
     problems += family.problems(config)
+    if "packing" in config and not family.trains_packed(config):
+      packers = ("elastic",) + families_with(PACKED_ROWS)
+      problems.append(f"a packing section needs a model family that trains on packed rows ({', '.join(packers)}); "
+                      f"model.name={config.model.name!r} does not: remove it or change the model")
     problems += _tensor_problems(config, family)
     problems += _flexi_problems(config, family)
     problems += _front_end_problems(config, family)
@@ -241,7 +245,7 @@ def check_batch_divides(config: ml_collections.ConfigDict, mesh: Any, rules: Any
   """The global batch must split evenly over the data-parallel devices, the processes and the micro-batches."""
   dp, accum = data_parallel_size(mesh, rules), config.train.grad_accum_steps
   processes = jax.process_count() if process_count is None else process_count
-  if family_of(config).packed_input:  # the batch is packed rows of clips
+  if family_of(config).trains_packed(config):  # the batch is packed rows of clips
     sizes = (("packing.rows", config.packing.rows),
              ("packing.eval_rows", config.packing.eval_rows or config.packing.rows))
   else:

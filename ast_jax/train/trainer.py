@@ -81,7 +81,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Any) -> dict[s
   # Input: each process reads its block of every global batch (fixed-length clips, or packed rows of clips). The
   # same waveforms feed every phase: the front end, where a phase compresses time, runs inside the step.
   sources = data_lib.build_sources(config)
-  inputs = build_input(config, sources, packed=family_of(config).packed_input)
+  inputs = build_input(config, sources, packed=family_of(config).trains_packed(config))
   steps_per_epoch = inputs.steps_per_epoch
   plans = plan_phases(config, steps_per_epoch)
   # max_steps stops early (benchmarks, tests, a staged run); the schedules are always the full run's.
