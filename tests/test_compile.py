@@ -80,14 +80,14 @@ def test_hbm_traffic_reads_operands_and_writes_results_once_per_run():
 
 
 def test_choices_follow_the_compile_target_not_the_host():
-  from ast_jax.models import attention, aum
+  from ast_jax.models import attention, mamba
 
   assert target.platform() == "cpu"
-  assert attention.resolve("auto", np.float32) == "blockwise" and aum.resolve_scan("auto") == "recompute"
+  assert attention.resolve("auto", np.float32) == "blockwise" and mamba.resolve_scan("auto") == "recompute"
   with target.compiling_for("tpu"):
-    assert attention.resolve("auto", np.float32) == "xla" and aum.resolve_scan("auto") == "chunked"
+    assert attention.resolve("auto", np.float32) == "splash" and mamba.resolve_scan("auto") == "pallas"
   with target.compiling_for("gpu"):
-    assert attention.resolve("auto", np.dtype("bfloat16")) == "cudnn"
+    assert attention.resolve("auto", np.dtype("bfloat16")) == "cudnn" and mamba.resolve_scan("auto") == "chunked"
   assert target.platform() == "cpu"
   with pytest.raises(ValueError, match="unknown platform"):
     with target.compiling_for("npu"):
@@ -116,7 +116,7 @@ def test_batch_shapes_match_the_trainers_batches(arg):
 
   config = demo.get_config(arg)
   config.data.update(num_train_examples=64, num_eval_examples=16, batch_size=8, eval_batch_size=8)
-  packed = family_of(config).packed_input
+  packed = family_of(config).trains_packed(config)
   inputs = build_input(config, data_lib.build_sources(config), packed=packed)
   for train, batch in ((True, next(inputs.train_iterator(0))), (False, next(iter(inputs.eval_batches())))):
     expected = batch_shapes(config, packed=packed, train=train)
@@ -153,7 +153,7 @@ def test_batch_scaling_keeps_a_batch_that_splits_and_scales_one_that_does_not():
     (None, {"data": 1, "fsdp": 4, "tensor": 1}, {"all-gather"}),  # parameters gathered where used (ZeRO-3 style)
     ("elastic", {"data": 2, "fsdp": 1, "tensor": 2}, {"all-reduce"}),  # tensor: row-parallel projections summed
 ])
-def test_tpu_compile_of_the_trainers_steps(arg, mesh, expect):
+def test_tpu_compile_of_the_trainers_steps(arg, mesh, expect, tmp_path):
   from ast_jax.train.aot import Target, compile_config
   from configs import demo
 
@@ -164,9 +164,11 @@ def test_tpu_compile_of_the_trainers_steps(arg, mesh, expect):
     config.model.num_heads = 4  # heads divide the tensor axis
     config.model.width = 128
   programs = ("train", "eval") if mesh["data"] == 4 else ("train",)  # the eval step once: compiles cost seconds
-  report = compile_config(config, Target("v5e:2x2"), programs)
+  report = compile_config(config, Target("v5e:2x2"), programs, hlo_dir=str(tmp_path))
   assert report["platform"] == "tpu" and report["chips"] == 4 and report["fits"]
   train = report["phases"][0]["programs"][0]
+  with open(train["hlo_file"]) as file:  # attention=auto: the splash kernel (Mosaic), per shard
+    assert "tpu_custom_call" in file.read()
   for program in report["phases"][0]["programs"]:
     assert program["memory"]["argument"] > 0 and program["memory"]["total"] < 2**30
     assert program["fits"] and program["roofline"]["step_seconds"] > 0 and program["cost"]["xla_flops"] > 0
@@ -192,14 +194,22 @@ def _state_bytes(config) -> float:
 
 
 @needs_libtpu
-def test_tpu_compile_of_aum_uses_the_tpu_scan():
+@pytest.mark.parametrize("packed", [pytest.param(False, marks=pytest.mark.slow), True])  # packed: the kernel + resets
+def test_tpu_compile_of_aum_uses_the_pallas_scan(packed, tmp_path):
+  """AuM's `scan=auto` compiles the Mosaic selective-scan kernel for TPU, on whole clips and on packed rows (state
+  resets per clip), its forward and backward kernels one custom call each per direction."""
   from ast_jax.train.aot import Target, compile_config
   from configs import demo, common
 
   config = common.aum(demo.get_config(), "tiny", depth=1)
   config.model.update(fstride=16, tstride=16)
-  report = compile_config(config, Target("v5e:2x2"), ("train",))
-  assert report["fits"] and report["phases"][0]["programs"][0]["memory"]["temp"] > 0
+  if packed:
+    common.packed_rows(config, rows=4, row_tokens=64, max_clips=4, max_frames=128)
+  report = compile_config(config, Target("v5e:2x2"), ("train",), hlo_dir=str(tmp_path))
+  program = report["phases"][0]["programs"][0]
+  assert report["fits"] and program["memory"]["temp"] > 0
+  hlo = open(program["hlo_file"]).read()
+  assert hlo.count("custom_call_target=\"tpu_custom_call\"") >= 4, "forward and backward kernels, both directions"
 
 
 @needs_libtpu

@@ -40,7 +40,7 @@ from absl import app, flags
 
 _SWEEP = flags.DEFINE_enum("sweep", "tiny", ["tiny", "lengths", "gpu", "aum"], "Preset list of cases.")
 _BACKBONES = flags.DEFINE_list("backbones", [], "Backbones (ast, aum).")
-_SCANS = flags.DEFINE_list("scans", [], "AuM selective scans (auto, sequential, associative, chunked, recompute).")
+_SCANS = flags.DEFINE_list("scans", [], "AuM selective scans (auto, sequential, associative, chunked, recompute, pallas).")
 _COMPARE = flags.DEFINE_enum("compare", None, ["torch"], "Also time transformers' PyTorch AST on each case.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for bench.csv and bench.png (default: bench_out/<sweep>).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per step; the median is reported.", lower_bound=1)
@@ -50,7 +50,7 @@ _VARIANTS = flags.DEFINE_list("variants", [], "Model variants (tiny, small, base
 _FRAMES = flags.DEFINE_list("frames", [], "Input lengths in frames.")
 _BATCH = flags.DEFINE_list("batch", [], "Batch sizes.")
 _STRIDE = flags.DEFINE_list("stride", [], "Patch strides (frequency = time).")
-_ATTENTION = flags.DEFINE_list("attention", [], "Attention implementations (auto, xla, blockwise, cudnn).")
+_ATTENTION = flags.DEFINE_list("attention", [], "Attention implementations (auto, xla, blockwise, splash, cudnn).")
 _REMAT = flags.DEFINE_list("remat", [], "Rematerialisation policies (none, full, dots, dots_no_batch).")
 _SCAN = flags.DEFINE_bool("scan_layers", False, "nn.scan over the blocks.")
 _WIDTH = flags.DEFINE_integer("width", 0, "Override the variants' width (with --num_heads).", lower_bound=0)
