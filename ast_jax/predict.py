@@ -5,6 +5,11 @@ training workdir. Files longer than the model's input are cut into sliding windo
 `--hop_seconds`); each window is classified and the whole-file result averages the windows' logits. Prints the
 top-k labels with scores per file (and per window); `--logits` saves the whole-file logits `[files, classes]`,
 `--embeddings` the whole-file pooled embeddings `[files, width]`. Runs on the CPU unless `--accelerator`.
+
+A file that cannot be read (missing, undecodable, empty, silent, NaN) is named with its problem on stderr, and the
+command exits with status 1 without saving anything; `--skip_unreadable` accepts partial results instead: the
+readable files are classified and saved, the unreadable ones' rows of `--logits`/`--embeddings` are NaN, and the
+status is 0.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ _LABEL_CSV = flags.DEFINE_string("label_csv", None, "Label names from an index,m
                                  "checkpoint's.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
 _ACCELERATOR = flags.DEFINE_bool("accelerator", False, "Use the default JAX backend (GPU/TPU) instead of the CPU.")
+_SKIP_UNREADABLE = flags.DEFINE_bool(
+    "skip_unreadable", False, "Accept partial results: save and exit 0 when some files cannot be read (their rows in "
+    "--logits/--embeddings are NaN). Without it, any unreadable file makes the command exit 1 and save nothing.")
 flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -143,6 +151,9 @@ def main(argv: list[str]) -> None:
         end = min(start + window, len(waveform))
         print(f"  {start / rate:7.2f}-{end / rate:7.2f} s: "
               f"{top_labels(predictor.scores(window_logits), names, _TOP_K.value)}")
+  if failed and not _SKIP_UNREADABLE.value:
+    sys.exit(f"error: {failed} of {len(files)} files could not be read (named above); nothing was saved. Fix or "
+             "drop them, or pass --skip_unreadable to accept the others' results (NaN rows for the unreadable)")
   if _LOGITS.value:
     np.save(_LOGITS.value, np.stack(file_logits))
   if _EMBEDDINGS.value:

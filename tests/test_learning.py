@@ -118,6 +118,19 @@ def test_predict_prints_the_right_digits_and_windows_long_files(two_digit_run, t
   assert np.load(tmp_path / "logits.npy").shape == (len(files) + 1, 2)
   assert np.load(tmp_path / "embeddings.npy").shape == (len(files) + 1, 96)
 
+  # An unreadable file: exit 1 and nothing saved, unless --skip_unreadable accepts partial results (a NaN row).
+  broken = tmp_path / "broken.wav"
+  broken.write_bytes(b"RIFF not audio")
+  command = [sys.executable, "-m", "ast_jax.predict", f"--checkpoint={workdir / 'model'}", "--top_k=1",
+             f"--logits={tmp_path / 'partial.npy'}", files[0], str(broken)]
+  refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+  assert refused.returncode == 1 and "1 of 2 files could not be read" in refused.stderr, refused.stderr[-2000:]
+  assert "broken.wav" in refused.stderr and "--skip_unreadable" in refused.stderr
+  assert not (tmp_path / "partial.npy").exists()
+  subprocess.run(command + ["--skip_unreadable"], cwd=ROOT, check=True, capture_output=True)
+  partial = np.load(tmp_path / "partial.npy")
+  assert np.isfinite(partial[0]).all() and np.isnan(partial[1]).all()
+
 
 @pytest.mark.slow
 @needs_fsdd
