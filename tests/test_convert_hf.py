@@ -180,3 +180,21 @@ def test_convert_command_round_trips_through_every_format(tmp_path):
   for final in (back, model_dir.load_model_dir(str(tmp_path / "from_pth"))):
     for a, b in zip(jax.tree.leaves(bundle.params), jax.tree.leaves(final.params)):
       np.testing.assert_array_equal(a, b)
+
+
+def test_model_files_are_readable_as_the_umask_allows(tmp_path):
+  """safetensors creates its files 0600; a model directory (and a Hugging Face export) follows the umask instead."""
+  import os
+
+  bundle = native_bundle()
+  previous = os.umask(0o022)
+  try:
+    model_dir.save_model_dir(str(tmp_path / "model"), bundle)
+    hf.save_hf(str(tmp_path / "hf"), bundle)
+    os.umask(0o027)
+    model_dir.save_model_dir(str(tmp_path / "group"), bundle)
+  finally:
+    os.umask(previous)
+  for path, mode in ((tmp_path / "model" / "model.safetensors", 0o644), (tmp_path / "model" / "ast_jax.json", 0o644),
+                     (tmp_path / "hf" / "model.safetensors", 0o644), (tmp_path / "group" / "model.safetensors", 0o640)):
+    assert oct(path.stat().st_mode & 0o777) == oct(mode), path

@@ -194,3 +194,14 @@ def test_read_state_dict_round_trip(tmp_path, suffix):
     np.testing.assert_array_equal(loaded[key], value)
   with pytest.raises(ValueError, match="unknown checkpoint format"):
     read_state_dict(str(tmp_path / "weights.bin"))
+
+
+def test_a_pth_without_pytorch_names_the_package(tmp_path, monkeypatch):
+  """Reading a .pth (and writing one) where torch cannot be imported is one clear error naming what to install."""
+  import sys
+
+  path = tmp_path / "weights.pth"
+  torch.save({"w": torch.zeros(2)}, path)
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+  with pytest.raises(ValueError, match=r"reading .*weights.pth needs PyTorch, which is not installed: pip install torch"):
+    read_state_dict(str(path))

@@ -18,6 +18,7 @@ import numpy as np
 
 from ast_jax.convert.merge import LoadReport
 from ast_jax.convert.model_dir import flatten, unflatten
+from ast_jax.convert.torch_layout import require_torch
 from ast_jax.models.layers import unscan_layers
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def _resize_table(value: np.ndarray, fresh: np.ndarray, prefix: int, grid: tuple
 
 def save_upstream(path: str, params: Mapping[str, Any]) -> None:
   """Writes an upstream-layout `.pth` (needs PyTorch)."""
-  import torch
+  torch = require_torch(f"writing {path}")
 
   torch.save({name: torch.from_numpy(value.copy()) for name, value in to_upstream(params).items()}, path)
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ast_jax.convert import torch_layout
-from ast_jax.convert.model_dir import ModelBundle, bundle_config
+from ast_jax.convert.model_dir import ModelBundle, bundle_config, save_safetensors
 
 PREFIX = "audio_spectrogram_transformer."
 # timm name under blocks.{i}. -> HF name under encoder.layer.{i}.
@@ -122,8 +122,6 @@ def preprocessor_config(bundle: ModelBundle) -> dict[str, Any]:
 
 
 def save_hf(path: str, bundle: ModelBundle) -> None:
-  from safetensors.numpy import save_file
-
   from ast_jax.models.family import family_of
 
   family = family_of(bundle.config)
@@ -132,7 +130,7 @@ def save_hf(path: str, bundle: ModelBundle) -> None:
                      f"{family.name!r} models export with " + " or ".join(f"--to={f}" for f in family.weight_formats))
   os.makedirs(path, exist_ok=True)
   state = timm_to_hf(torch_layout.params_to_timm(bundle.params))
-  save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  save_safetensors(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
   for name, content in (("config.json", hf_config(bundle)), ("preprocessor_config.json", preprocessor_config(bundle))):
     with open(os.path.join(path, name), "w") as handle:
       json.dump(content, handle, indent=2)
@@ -144,8 +142,7 @@ def read_hf_weights(path: str) -> dict[str, np.ndarray]:
 
     return load_file(os.path.join(path, "model.safetensors"))
   if os.path.exists(os.path.join(path, "pytorch_model.bin")):
-    import torch
-
+    torch = torch_layout.require_torch(f"reading {os.path.join(path, 'pytorch_model.bin')}")
     state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     return {name: tensor.float().numpy() for name, tensor in state.items()}
   raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")

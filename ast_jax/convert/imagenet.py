@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from ast_jax.convert.torch_layout import from_torch
+from ast_jax.convert.torch_layout import from_torch, require_torch
 from ast_jax.models.positions import resize_table
 
 # Wrappers added by DataParallel or training scripts around a timm model's own keys.
@@ -190,7 +190,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a flat state dict (key -> array) from .pth/.pt (torch, CPU, weights only), .npz or .safetensors."""
   suffix = os.path.splitext(path)[1].lower()
   if suffix in (".pth", ".pt"):
-    import torch  # only needed for PyTorch pickles
+    torch = require_torch(f"reading {path}")  # only needed for PyTorch pickles
 
     state = _unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
     # Non-tensor entries (epoch counters, names) are metadata, not weights.

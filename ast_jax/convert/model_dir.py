@@ -71,13 +71,22 @@ def bundle_config(model: Mapping[str, Any], audio: Mapping[str, Any], num_classe
   return config
 
 
-def save_model_dir(path: str, bundle: ModelBundle) -> None:
+def save_safetensors(arrays: dict[str, Any], path: str, metadata: dict[str, str] | None = None) -> None:
+  """Writes `arrays` to a .safetensors file readable as the umask allows (safetensors creates files 0600, so a
+  shared model directory would be unreadable to the group)."""
   from safetensors.numpy import save_file
 
+  save_file(arrays, path, metadata=metadata)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
+def save_model_dir(path: str, bundle: ModelBundle) -> None:
   os.makedirs(path, exist_ok=True)
   if len(bundle.label_names) != bundle.config.num_classes:
     raise ValueError(f"{len(bundle.label_names)} label names for {bundle.config.num_classes} classes")
-  save_file(flatten(bundle.params), os.path.join(path, WEIGHTS))
+  save_safetensors(flatten(bundle.params), os.path.join(path, WEIGHTS))
   metadata = {
       "format": "ast_jax", "version": FORMAT_VERSION, "num_classes": bundle.config.num_classes,
       "model": bundle.config.model.to_dict(), "audio": bundle.config.audio.to_dict(), "loss": bundle.config.train.loss,

@@ -70,7 +70,7 @@ def load_original(path: str, template: Mapping[str, Any], model_config: Mapping[
 
 def save_original(path: str, params: Mapping[str, Any]) -> None:
   """Writes the upstream `.pth` (needs PyTorch)."""
-  import torch
+  torch = torch_layout.require_torch(f"writing {path}")
 
   torch.save({name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in to_original(params).items()},
              path)

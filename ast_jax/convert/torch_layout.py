@@ -17,6 +17,16 @@ import numpy as np
 
 from ast_jax.models.layers import unscan_layers
 
+
+def require_torch(purpose: str) -> Any:
+  """The `torch` module, or a ValueError that names the package to install (`purpose`: what needs it)."""
+  try:
+    import torch
+  except ImportError:
+    raise ValueError(f"{purpose} needs PyTorch, which is not installed: pip install torch (a CPU build is enough: "
+                     "pip install torch --index-url https://download.pytorch.org/whl/cpu)") from None
+  return torch
+
 # (our path under a block, timm name under `blocks.{i}.`, kind); `qkv` and `proj` are Dense kernels split per head.
 BLOCK_TENSORS = (
     ("norm1", "norm1", "norm"), ("attn/qkv", "attn.qkv", "qkv"), ("attn/proj", "attn.proj", "proj"),
