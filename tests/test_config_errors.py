@@ -73,6 +73,21 @@ def test_empty_patch_grids_fail_before_anything_is_read(tmp_path, case):
   assert not (tmp_path / "run").exists()  # checked before the workdir is made
 
 
+@pytest.mark.parametrize("recipe", ["audioset", "esc50"])
+def test_a_recipe_without_its_data_names_the_flags_before_making_the_workdir(tmp_path, recipe):
+  """The AudioSet and ESC-50 recipes as they ship (their data paths are placeholders): one message naming each
+  `--config.data.*` flag to set, and no workdir left behind."""
+  import importlib
+
+  config = importlib.import_module(f"configs.{recipe}").get_config()
+  with pytest.raises(ConfigError, match="the data is not where the config says") as error:
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  flags = ["--config.data.train_datafile=PATH", "--config.data.eval_datafile=PATH"] if recipe == "audioset" else [
+      "--config.data.path=DIR"]
+  assert all(flag in str(error.value) for flag in flags), str(error.value)
+  assert not (tmp_path / "run").exists()
+
+
 def fake_mesh(**shape: int) -> types.SimpleNamespace:
   return types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1, **shape})
 

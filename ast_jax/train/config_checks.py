@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any
 
 import jax
@@ -148,6 +149,23 @@ def _tensor_problems(config: ml_collections.ConfigDict, family: Family) -> list[
     return [f"config.mesh.tensor={tensor} does not divide the model's {heads} attention heads (tensor parallelism "
             "splits heads): choose a tensor size that divides the head count, or another variant"]
   return []
+
+
+def check_data_paths(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the `--config.data.*` flag of every data path the source needs that does not exist,
+  before a run creates anything (the compile command, which reads no data, does not call it)."""
+  data, problems = config.data, []
+  if data.source == "datafile":
+    needed = [("train_datafile", data.get("train_datafile")), ("label_csv", data.get("label_csv"))]
+    needed += [("eval_datafile", data.eval_datafile)] if data.get("eval_datafile") else []
+    for field, path in needed:
+      if not path or not os.path.isfile(path):
+        problems.append(f"data.{field}={path!r} is not a file: set --config.data.{field}=PATH")
+  elif data.source in ("folder", "esc50", "speechcommands") and not os.path.isdir(data.get("path") or ""):
+    problems.append(f"data.path={data.get('path')!r} is not a folder: set --config.data.path=DIR (the "
+                    f"{data.source} data set's root)")
+  if problems:
+    raise ConfigError("the data is not where the config says:\n  " + "\n  ".join(problems))
 
 
 def _data_problems(config: ml_collections.ConfigDict) -> list[str]:

@@ -25,7 +25,7 @@ from ast_jax.parallel.sharding import partitioning, shardings_of
 from ast_jax.train import state as state_lib
 from ast_jax.train import faults
 from ast_jax.train.checkpoint import Checkpointer, CorruptCheckpoint
-from ast_jax.train.config_checks import ConfigError, batch_for_mesh, validate_config
+from ast_jax.train.config_checks import ConfigError, batch_for_mesh, check_data_paths, validate_config
 from ast_jax.train.evaluate import evaluate_params
 from ast_jax.train.phases import PhasePlan, carry_params, phase_of_checkpoint, plan_phases
 from ast_jax.train.preemption import PreemptionWatch
@@ -67,6 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   except ValueError as error:  # e.g. a mesh needing more devices than there are
     raise ConfigError(str(error)) from None
   config = batch_for_mesh(config, mesh, logical_rules(config.sharding_rules), jax.process_count())[0]
+  check_data_paths(config)
   check_workdir(workdir, checkpoint_bytes(config))
   while True:
     try:
