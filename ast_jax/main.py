@@ -28,6 +28,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0-based (with --distributed).")
 _LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "Accelerators this process drives, e.g. 0,1,2,3 "
                                       "(with --distributed; default: all, one per task under SLURM on GPUs).")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (overrides applied), each field "
+                                  "with its one-line meaning, and exit without training.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -59,6 +61,11 @@ def failure_message(error: Exception) -> str | None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _PRINT_CONFIG.value:
+    from ast_jax.config_help import describe
+
+    print(describe(_CONFIG.value, flags.FLAGS["config"].serialize().partition("=")[2]))
+    return
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   logging.getLogger("ast_jax").setLevel(logging.INFO)  # our progress; library chatter (Orbax, JAX) stays at WARNING
   if _DISTRIBUTED.value:

@@ -66,6 +66,21 @@ def test_a_family_from_outside_trains_one_step_through_main(tmp_path):
   assert record["step"] == 1 and record["num_examples"] == 4
   written = json.loads((workdir / "model" / "ast_jax.json").read_text())
   assert written["model"]["name"] == "tests.toy_family"
+  kept = list((workdir / "configs").glob("*.json"))  # the resolved config of the run, overrides applied
+  assert len(kept) == 1 and json.loads(kept[0].read_text())["model"]["name"] == "tests.toy_family"
+
+
+def test_print_config_shows_the_resolved_fields_with_their_meaning_and_trains_nothing(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "ast_jax.main", "--config=configs/fsdd.py:aum_packed",
+                           "--config.model.scan=chunked", "--print_config", f"--workdir={tmp_path / 'run'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert "model.scan = 'chunked'  # Selective scan implementation (models/ssm.py): auto (recompute on CPU, pallas on " \
+         "TPU, chunked on GPU) |" in lines
+  assert "data.batch_size = 32" in lines and "packing.row_tokens = 160" in lines
+  assert any(line.startswith("packing.max_clips = 32  # clips per row at most") for line in lines)
+  assert not (tmp_path / "run").exists()
 
 
 def _name_comparisons(source: str, where: str) -> list[str]:

@@ -69,11 +69,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = batch_for_mesh(config, mesh, logical_rules(config.sharding_rules), jax.process_count())[0]
   check_data_paths(config)
   check_workdir(workdir, checkpoint_bytes(config))
+  keep_config(config, workdir)
   while True:
     try:
       return _train(config, workdir, mesh)
     except CorruptCheckpoint:  # moved aside, with a warning naming the checkpoint used instead
       continue
+
+
+def keep_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config of this run (the batch rule for the mesh applied) to `workdir/configs/`, one file
+  per run named by its UTC start time, so a resumed or re-run workdir keeps what every run trained with."""
+  if jax.process_index() != 0:
+    return
+  folder = os.path.join(workdir, "configs")
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + ".json"), "w") as handle:
+    handle.write(config.to_json_best_effort(indent=2))
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Any) -> dict[str, Any]:
