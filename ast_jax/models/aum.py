@@ -29,7 +29,7 @@ from ast_jax.models.family import PACKED_ROWS, Family, whole_clip_example
 from ast_jax.models.heads import masked_mean
 from ast_jax.models.mamba import BIDIRECTIONAL, DEPTH, SCANS, AuMEncoder
 from ast_jax.models.packed_sequence import insert_clip_tokens
-from ast_jax.models.tokens import PatchEmbed, TokenLayout, packed_patches, whole_clip_rows
+from ast_jax.models.tokens import PatchEmbed, TokenLayout, one_patch_row, packed_patches, whole_clip_rows
 from ast_jax.models.vit import DTYPES, Dtype, trunc_normal, with_names
 
 # Width per size; every size has 24 layers, d_inner = 2 * width, d_state = 16, conv kernel 4.
@@ -210,9 +210,7 @@ def example_inputs(config: Any) -> tuple[Any, ...]:
   (`[1, 1, patch_time, mel_bins]`: the mel bins fix the positional table's frequency extent)."""
   if "packing" not in config:
     return whole_clip_example(config)
-  zeros = jnp.zeros((1, 1), jnp.int32)
-  layout = TokenLayout(jnp.ones((1, 1), jnp.int32), zeros, zeros, jnp.ones((1, 1), jnp.int32))
-  return jnp.zeros((1, 1, patch_of(config.model)[1], config.audio.num_mel_bins), jnp.float32), layout
+  return one_patch_row(patch_of(config.model)[1], config.audio.num_mel_bins)
 
 
 def flops(config: Any) -> dict[str, float]:
@@ -241,11 +239,11 @@ def flops(config: Any) -> dict[str, float]:
 
 
 def packing_problems(config: Any) -> list[str]:
-  """What packed rows need of an AuM config: non-overlapping patches, a table as long as the longest clip."""
+  """What packed rows need of an AuM config (the packing section itself: train/config_checks.py):
+  non-overlapping patches, a table as long as the longest clip."""
   model, packing = config.model, config.packing
   patch = patch_of(model)
-  problems = [f"packing.{field}={packing[field]!r} must be positive"
-              for field in ("rows", "row_tokens", "max_clips", "max_frames") if not packing[field] > 0]
+  problems = []
   if strides_of(model) != patch:
     problems.append(f"model.fstride/tstride={model.fstride}/{model.tstride}: AuM on packed rows takes "
                     f"non-overlapping patches; set them to the patch's size {patch[0]}/{patch[1]}")
@@ -254,8 +252,6 @@ def packing_problems(config: Any) -> list[str]:
   if longest > table:
     problems.append(f"model.max_time_patches={table} rows cannot index {longest} time patches (packing.max_frames or "
                     "an eval_sweep length): raise max_time_patches")
-  if config.augment.mixup > 0 or config.augment.roll > 0:
-    problems.append("augment.mixup and augment.roll must be 0 for packed clips of their own length")
   return problems
 
 

@@ -24,12 +24,10 @@ from ast_jax.models import flops as flops_lib
 from ast_jax.models.family import Family
 from ast_jax.models.heads import POOLING, ClassifierHead, ClipAttentionPool, masked_mean
 from ast_jax.models.positions import fractional_rows
-from ast_jax.models.tokens import TokenLayout, packed_patches
+from ast_jax.models.tokens import TokenLayout, one_patch_row, packed_patches
 from ast_jax.models.vit import Dtype, Encoder, dense, trunc_normal, vit_kwargs, with_names
 
 POSITIONS = ("integer", "fractional")
-PACKING_METHODS = ("first_fit", "best_fit")
-CROPS = ("start", "random")
 
 
 class ElasticAST(nn.Module):
@@ -113,9 +111,7 @@ def elastic_kwargs(config: Any) -> dict[str, Any]:
 def example_inputs(config: Any) -> tuple[jax.Array, TokenLayout]:
   """One packed row of one clip slot holding one patch (the shapes only fix the parameters)."""
   patch_freq, patch_time = patch_of(config.model)
-  zeros = jnp.zeros((1, 1), jnp.int32)
-  layout = TokenLayout(jnp.ones((1, 1), jnp.int32), zeros, zeros, jnp.ones((1, 1), jnp.int32))
-  return jnp.zeros((1, 1, patch_time, patch_freq), jnp.float32), layout
+  return one_patch_row(patch_time, patch_freq)
 
 
 def flops(config: Any) -> dict[str, float]:
@@ -132,32 +128,18 @@ def flops(config: Any) -> dict[str, float]:
 
 
 def config_problems(config: Any) -> list[str]:
-  """The packing section and the options packed rows cannot take."""
+  """ElasticAST's own options on packed rows: pooling, positions, a table for the longest clip, patches that do
+  not overlap."""
   if "packing" not in config:
     return [f"model.name={config.model.name!r} trains on packed rows and needs a packing section: build the config "
             "with configs.common.elastic(config)"]
   packing, model = config.packing, config.model
   patch, patch_time = patch_of(model)
-  problems = [f"packing.{field}={packing[field]!r} must be positive"
-              for field in ("rows", "row_tokens", "max_clips", "max_frames") if not packing[field] > 0]
-  for field, value, choices in (("packing.method", packing.method, PACKING_METHODS),
-                                ("packing.crop", packing.crop, CROPS), ("model.pooling", model.pooling, POOLING),
-                                ("model.positions", model.positions, POSITIONS)):
+  problems = []  # the packing section itself: train/config_checks.py, for every family that packs rows
+  for field, value, choices in (("model.pooling", model.pooling, POOLING), ("model.positions", model.positions,
+                                                                             POSITIONS)):
     if value not in choices:
       problems.append(f"{field}={value!r} is not one of {choices}")
-  if not 0.0 <= packing.drop_rate < 1.0:
-    problems.append(f"packing.drop_rate={packing.drop_rate!r} must lie in [0, 1)")
-  if not packing.resolutions or any(not q >= 1.0 for q in packing.resolutions):
-    problems.append(f"packing.resolutions={tuple(packing.resolutions)!r} must be frame-shift multipliers q >= 1")
-  if packing.eval_rows < 0 or packing.min_crop_frames < 0:
-    problems.append("packing.eval_rows and packing.min_crop_frames must not be negative")
-  if packing.max_frames >= patch_time:
-    longest = (config.audio.num_mel_bins // patch) * (packing.max_frames // patch_time)
-    if longest > packing.row_tokens:
-      problems.append(f"packing.row_tokens={packing.row_tokens} cannot hold the longest clip ({longest} tokens at "
-                      f"packing.max_frames={packing.max_frames}): raise row_tokens or lower max_frames")
-  else:
-    problems.append(f"packing.max_frames={packing.max_frames} is shorter than one {patch_time}-frame patch")
   if model.positions == "integer":
     table = model.max_time_patches or packing.max_frames // patch_time
     longest = max([packing.max_frames, *config.eval_sweep.lengths]) // patch_time
@@ -167,8 +149,6 @@ def config_problems(config: Any) -> list[str]:
   if (model.fstride, model.tstride) != (patch, patch_time):
     problems.append(f"model.fstride/tstride={model.fstride}/{model.tstride}: ElasticAST's patches do not overlap; "
                     f"set them to the patch's size {patch}/{patch_time}")
-  if config.augment.mixup > 0 or config.augment.roll > 0:
-    problems.append("augment.mixup and augment.roll must be 0 for packed clips of their own length")
   return problems
 
 

@@ -15,8 +15,8 @@ ids `[length]` (a query attends to keys of its own id).
   sees it, and gradients through real tokens' outputs are the same.
   Rows without ids are one segment (id 1) plus any padded tokens; with an aligned length and no ids the kernel runs
   with a full mask and no segment ids at all.
-- Sharding: a Pallas call runs on one device's shard. Under a mesh (steps are traced under `jax.set_mesh`) the
-  kernel runs in `jax.shard_map` over that mesh: batch split as the 'batch' logical rule says, heads as 'act_heads',
+- Sharding (models/kernel_sharding.py): a Pallas call runs on one device's shard. Under a mesh (steps are traced
+  under `jax.set_mesh`) the kernel runs in `jax.shard_map` over that mesh: batch split as the 'batch' logical rule says, heads as 'act_heads',
   length and head_dim whole (a batch or head count the rule's axes do not divide runs whole on every device). A
   'length' rule that names a mesh axis (sequence parallelism) is refused.
 - Where: on TPU it compiles to a Mosaic custom call; on CPU it runs in Pallas interpret mode (tests); on GPU it is
@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +36,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from ast_jax import target
+from ast_jax.models.kernel_sharding import context_mesh, require_whole_rows, split_axes
 
 LANES = 128  # the kernel's blocks are multiples of the TPU's 128 lanes
 BLOCKS = (512, 256, 128)  # the largest that divides the padded length: fewer grid steps, same VMEM budget at 512
@@ -100,18 +99,6 @@ def _per_device(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids:
   return out[:, :, :length].transpose(0, 2, 1, 3)
 
 
-def _mesh_axes(name: str) -> str | tuple[str, ...] | None:
-  """The mesh axes the logical rules in scope give `name` (None: replicated)."""
-  return nn.logical_to_mesh_axes((name,))[0]
-
-
-def _split(name: str, size: int, mesh: jax.sharding.AbstractMesh) -> str | tuple[str, ...] | None:
-  """`name`'s mesh axes for a dimension of `size`, or None where they do not divide it (init's one example)."""
-  axes = _mesh_axes(name)
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return axes if size % math.prod(mesh.shape[axis] for axis in names) == 0 else None
-
-
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                      segment_ids: jax.Array | None = None) -> jax.Array:
   """softmax(q k^T) v with splash attention: query (pre-scaled), key, value `[batch, length, heads, head_dim]` in
@@ -120,13 +107,11 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     raise ValueError(f"splash attention is self-attention: query {query.shape}, key {key.shape}, value "
                      f"{value.shape} must share [batch, length, heads]")
   run = functools.partial(_per_device, interpret=_interpret())
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  mesh = context_mesh()
+  if mesh is None:
     return run(query, key, value, segment_ids)
-  if _mesh_axes("length") is not None:
-    raise ValueError(f"splash attention needs whole rows on each device, but the 'length' rule shards them over "
-                     f"{_mesh_axes('length')!r}; map 'length' to None or use attention='xla'")
-  batch_axes, head_axes = _split("batch", query.shape[0], mesh), _split("act_heads", query.shape[2], mesh)
+  require_whole_rows("splash attention", "attention='xla'")
+  batch_axes, head_axes = split_axes("batch", query.shape[0], mesh), split_axes("act_heads", query.shape[2], mesh)
   tokens = PartitionSpec(batch_axes, None, head_axes, None)
   if segment_ids is None:
     sharded = jax.shard_map(lambda q, k, v: run(q, k, v, None), mesh=mesh, in_specs=(tokens,) * 3,

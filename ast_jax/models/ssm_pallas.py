@@ -20,9 +20,9 @@ partial per channel block (dB, dC) or per batch row (dA) and the sums are taken 
 decay of its step (a = 0). The length is padded to a multiple of `chunk` with delta = 0 (identity steps) and the
 channels to a multiple of `channel_block`; padded outputs are dropped.
 
-Sharding: XLA cannot partition a Mosaic call, so under a mesh (steps are traced under `jax.set_mesh`) the kernel runs
-in a shard_map, rows split as the 'batch' logical rule says, length and channels whole; a 'length' rule that splits
-rows is refused. The platform and the rows' mesh axes (`Placement`) are static arguments of `selective_scan`.
+Sharding (models/kernel_sharding.py): XLA cannot partition a Mosaic call, so under a mesh (steps are traced under
+`jax.set_mesh`) the kernel runs in a shard_map, rows split as the 'batch' logical rule says, length and channels
+whole; a 'length' rule that splits rows is refused. The platform and the rows' mesh axes (`Placement`) are static arguments of `selective_scan`.
 
 Platforms: on TPU the kernel is compiled by Mosaic; on CPU it runs in Pallas interpret mode (the tests' reference
 check; slow, never a training choice). GPU is refused: the kernel carries the state from one grid step to the next
@@ -34,10 +34,8 @@ memory spaces and sublane transposes; `scan=chunked` is the GPU choice. The kern
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -45,6 +43,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
 from ast_jax import target
+from ast_jax.models.kernel_sharding import context_mesh, require_whole_rows, split_axes
 
 SUBLANES = 8  # steps per unrolled sub-block: one sublane tile of u and delta
 LANES = 128
@@ -268,17 +267,11 @@ def placement(shape: tuple[int, ...]) -> Placement:
   platform = target.platform()
   if platform == "gpu":
     raise ValueError("scan=pallas is a TPU (Mosaic) kernel and has no GPU (Triton) lowering; use scan=chunked on GPU")
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  mesh = context_mesh()
+  if mesh is None:
     return Placement(platform != "tpu", None)
-  length_axes = nn.logical_to_mesh_axes(("length",))[0]
-  if length_axes is not None:
-    raise ValueError(f"scan=pallas needs whole rows on each device, but the 'length' rule shards them over "
-                     f"{length_axes!r}; map 'length' to None or use scan=chunked")
-  axes = nn.logical_to_mesh_axes(("batch",))[0]
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  divides = (shape[0] if shape else 1) % math.prod(mesh.shape[name] for name in names) == 0
-  return Placement(platform != "tpu", PartitionSpec(axes if divides else None))  # init's one example: replicated
+  require_whole_rows("scan=pallas", "scan=chunked")
+  return Placement(platform != "tpu", PartitionSpec(split_axes("batch", shape[0] if shape else 1, mesh)))
 
 
 def pallas_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, resets: jax.Array | None,
@@ -299,6 +292,6 @@ def pallas_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: j
     return run(u, delta, A, B, C, resets)
   # Mosaic calls cannot be partitioned by XLA: each device runs the kernel on its own rows.
   rows = where.rows
-  sharded = jax.shard_map(run, mesh=jax.sharding.get_abstract_mesh(), in_specs=(rows, rows, PartitionSpec(), rows,
+  sharded = jax.shard_map(run, mesh=context_mesh(), in_specs=(rows, rows, PartitionSpec(), rows,
                           rows, rows), out_specs=rows, check_vma=False)
   return sharded(u, delta, A, B, C, resets)

@@ -61,6 +61,14 @@ class TokenLayout:
     return self.time_patches.shape[1]
 
 
+def one_patch_row(frames: int, mel_bins: int) -> tuple[jax.Array, TokenLayout]:
+  """A packed row of one clip slot `[1, 1, frames, mel_bins]` holding one patch: the example input that
+  initialises a packed-row model (the shapes fix its parameters)."""
+  zeros = jnp.zeros((1, 1), jnp.int32)
+  layout = TokenLayout(jnp.ones((1, 1), jnp.int32), zeros, zeros, jnp.ones((1, 1), jnp.int32))
+  return jnp.zeros((1, 1, frames, mel_bins), jnp.float32), layout
+
+
 def slot_mask(segment_ids: jax.Array, clips: int) -> jax.Array:
   """`[rows, clips, tokens]`: True where a token belongs to clip slot k (segment k + 1)."""
   slots = jnp.arange(1, clips + 1, dtype=segment_ids.dtype)

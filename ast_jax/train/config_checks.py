@@ -13,6 +13,8 @@ import ml_collections
 from ast_jax.audio.fbank import WINDOW_TYPES
 from ast_jax.audio.features import TIME_POOLS
 from ast_jax.audio.patches import patch_of, strides_of
+from ast_jax.data.packed_batches import CROPS
+from ast_jax.data.packer import METHODS as PACKING_METHODS
 from ast_jax.data.scan import BAD_AUDIO_MODES, SCAN_MODES
 from ast_jax.data.sources import SOURCES
 from ast_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
@@ -107,6 +109,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       packers = ("elastic",) + families_with(PACKED_ROWS)
       problems.append(f"a packing section needs a model family that trains on packed rows ({', '.join(packers)}); "
                       f"model.name={config.model.name!r} does not: remove it or change the model")
+    elif "packing" in config:
+      problems += _packing_problems(config)
     problems += _tensor_problems(config, family)
     problems += _flexi_problems(config, family)
     problems += _front_end_problems(config, family)
@@ -166,6 +170,34 @@ def check_data_paths(config: ml_collections.ConfigDict) -> None:
                     f"{data.source} data set's root)")
   if problems:
     raise ConfigError("the data is not where the config says:\n  " + "\n  ".join(problems))
+
+
+def _packing_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The packing section of any family that trains on packed rows (configs.common.packed_rows): sizes, choices,
+  token dropout, resolutions, a row that holds the longest clip, no mixup or roll."""
+  packing = config.packing
+  patch, patch_time = patch_of(config.model)
+  problems = [f"packing.{field}={packing[field]!r} must be positive"
+              for field in ("rows", "row_tokens", "max_clips", "max_frames") if not packing[field] > 0]
+  for field, choices in (("method", PACKING_METHODS), ("crop", CROPS)):
+    if packing[field] not in choices:
+      problems.append(f"packing.{field}={packing[field]!r} is not one of {choices}")
+  if not 0.0 <= packing.drop_rate < 1.0:
+    problems.append(f"packing.drop_rate={packing.drop_rate!r} must lie in [0, 1)")
+  if not packing.resolutions or any(not q >= 1.0 for q in packing.resolutions):
+    problems.append(f"packing.resolutions={tuple(packing.resolutions)!r} must be frame-shift multipliers q >= 1")
+  if packing.eval_rows < 0 or packing.min_crop_frames < 0:
+    problems.append("packing.eval_rows and packing.min_crop_frames must not be negative")
+  if packing.max_frames >= patch_time:
+    longest = (config.audio.num_mel_bins // patch) * (packing.max_frames // patch_time)
+    if longest > packing.row_tokens:
+      problems.append(f"packing.row_tokens={packing.row_tokens} cannot hold the longest clip ({longest} tokens at "
+                      f"packing.max_frames={packing.max_frames}): raise row_tokens or lower max_frames")
+  else:
+    problems.append(f"packing.max_frames={packing.max_frames} is shorter than one {patch_time}-frame patch")
+  if config.augment.mixup > 0 or config.augment.roll > 0:
+    problems.append("augment.mixup and augment.roll must be 0 for packed clips of their own length")
+  return problems
 
 
 def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
