@@ -216,3 +216,20 @@ def test_run_patch_only_from_a_phase_and_pooled_models_refuse_hf_export():
   bundle = ModelBundle(params, bundle_config(pooled.model, pooled.audio, pooled.num_classes), labels)
   with pytest.raises(ValueError, match="pooled 2x along time"):
     hf.hf_config(bundle)
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")
+def test_a_checkpoint_of_a_coarse_phase_loads_as_that_phase_model(tmp_path):
+  """predict on a workdir stopped inside a coarse phase runs the phase's model (time pooled), not the full one."""
+  from ast_jax.convert.model_dir import load_training_checkpoint
+  from ast_jax.inference import make_predictor
+
+  config = small_config("max_pool:2:1, full:1:1", epochs=2)
+  config.train.max_steps = 4  # the last step of phase 1
+  train_and_evaluate(config, str(tmp_path))
+  bundle = load_training_checkpoint(str(tmp_path))
+  assert (bundle.config.audio.time_pool, bundle.config.audio.time_pool_factor) == ("max", 2)
+  predictor = make_predictor(bundle)
+  waveform = np.random.default_rng(0).normal(size=predictor.input_samples).astype(np.float32)
+  result = predictor.predict([waveform], predictor.input_samples, predictor.input_samples)[0]
+  assert result.logits.shape == (1, config.num_classes) and np.all(np.isfinite(result.logits))

@@ -3,7 +3,8 @@
 ```
 DIR/model.safetensors   parameters, flat keys joined by '/' ("encoder/blocks_0/attn/qkv/kernel"), float32
 DIR/ast_jax.json        {"format": "ast_jax", "version": 1, "num_classes", "model": config.model,
-                         "audio": config.audio (front end, target_length, mean, std), "label_names", "label_ids"}
+                         "audio": config.audio (front end, target_length, mean, std), "label_names", "label_ids",
+                         "packing": config.packing (models trained on packed rows only: row size, clips per row)}
 ```
 Training writes one to `workdir/model/` at the end; `ast_jax.predict` and `ast_jax.convert` read it.
 """
@@ -58,17 +59,31 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def bundle_config(model: Mapping[str, Any], audio: Mapping[str, Any], num_classes: int,
-                  loss: str = "bce") -> ml_collections.ConfigDict:
+                  loss: str = "bce", packing: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """A config with the sections a model directory carries, on top of the defaults (so every field exists).
-  `loss` says how logits become scores: bce -> sigmoid, ce -> softmax."""
-  from configs.common import base_config
+  `loss` says how logits become scores: bce -> sigmoid, ce -> softmax. `packing`: the packing section of a model
+  trained on packed rows (its family builds the model from it and predict packs files into such rows)."""
+  from configs.common import base_config, packed_rows
 
   config = base_config()
   config.model.update(dict(model))
   config.audio.update(dict(audio))
   config.num_classes = int(num_classes)
   config.train.loss = loss
+  if packing is not None:
+    augment = config.augment.to_dict()
+    packed_rows(config, **dict(packing))
+    config.augment.update(augment)  # packed_rows turns off mixup and roll: a training matter, not the model's
   return config
+
+
+def packing_of(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """The packing section a model directory keeps (None for a model trained on whole-clip rows)."""
+  if "packing" not in config:
+    return None
+  packing = config.packing.to_dict()
+  packing["resolutions"] = list(packing["resolutions"])
+  return packing
 
 
 def save_safetensors(arrays: dict[str, Any], path: str, metadata: dict[str, str] | None = None) -> None:
@@ -92,6 +107,8 @@ def save_model_dir(path: str, bundle: ModelBundle) -> None:
       "model": bundle.config.model.to_dict(), "audio": bundle.config.audio.to_dict(), "loss": bundle.config.train.loss,
       "label_names": list(bundle.label_names), "label_ids": list(bundle.label_ids),
   }
+  if packing_of(bundle.config) is not None:
+    metadata["packing"] = packing_of(bundle.config)
   with open(os.path.join(path, METADATA), "w") as handle:
     json.dump(metadata, handle, indent=2)
 
@@ -112,7 +129,8 @@ def load_model_dir(path: str) -> ModelBundle:
   if metadata.get("format") != "ast_jax" or metadata.get("version", 0) > FORMAT_VERSION:
     raise ValueError(f"{metadata_path}: unsupported format {metadata.get('format')!r} version "
                      f"{metadata.get('version')!r}")
-  config = bundle_config(metadata["model"], metadata["audio"], metadata["num_classes"], metadata.get("loss", "bce"))
+  config = bundle_config(metadata["model"], metadata["audio"], metadata["num_classes"], metadata.get("loss", "bce"),
+                         metadata.get("packing"))
   params = per_head_attention(unflatten(load_file(os.path.join(path, WEIGHTS))), config.model)
   return ModelBundle(params, config, list(metadata["label_names"]), list(metadata.get("label_ids", [])))
 
@@ -132,7 +150,8 @@ def per_head_attention(params: dict[str, Any], model: Mapping[str, Any]) -> dict
 
 
 def load_training_checkpoint(workdir: str) -> ModelBundle:
-  """The latest training checkpoint of a workdir (a run still going, or one from before `model/` existed)."""
+  """The latest training checkpoint of a workdir (a run still going, or one from before `model/` existed), as the
+  model of the phase that wrote it (a coarse phase's time pooling or patch)."""
   import jax
   import orbax.checkpoint as ocp
 
@@ -143,12 +162,12 @@ def load_training_checkpoint(workdir: str) -> ModelBundle:
   latest = os.path.join(directory, str(steps[-1]))
   with open(os.path.join(latest, "meta", "metadata")) as handle:
     meta = json.load(handle)
-  config = json.loads(meta["config"])
+  config = json.loads(meta.get("phase_config", meta["config"]))  # a coarse phase's checkpoint holds its model
   state = ocp.PyTreeCheckpointer().restore(os.path.join(latest, "state"))
   from ast_jax.models.layers import unscan_layers
 
   bundle = bundle_config({**config["model"], "scan_layers": False}, config["audio"], config["num_classes"],
-                         config["train"]["loss"])
+                         config["train"]["loss"], config.get("packing"))
   params = per_head_attention(unscan_layers(jax.tree.map(np.asarray, state["params"])), bundle.model)
   return ModelBundle(params, bundle, list(meta["label_names"]))
 

@@ -78,7 +78,7 @@ class AST(nn.Module):
                      dtype=self.dtype, name="encoder")(tokens, train=train)
     pooled = (tokens[:, 0] + tokens[:, 1]) / 2
     logits = ClassifierHead(self.num_classes, self.head_layer_norm_eps, self.dtype, name="head")(pooled)
-    return logits, {"embedding": pooled.astype(jnp.float32), "tokens": tokens}
+    return logits, {"embedding": pooled.astype(jnp.float32), "tokens": tokens, "patch_tokens": tokens[:, 2:]}
 
 
 def flops(config: Any) -> dict[str, float]:

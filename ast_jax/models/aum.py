@@ -60,8 +60,20 @@ def prefix_order(sequence: jax.Array, positions: tuple[int, ...]) -> jax.Array:
   return sequence
 
 
+def without_clip_tokens(hidden: jax.Array, cls_index: jax.Array, length: int) -> jax.Array:
+  """The packed sequence `[rows, length + clips * prefix, width]` without the CLS tokens at `cls_index`
+  `[rows, clips, prefix]`: the patches' outputs `[rows, length, width]` in the packed layout's order (inserting
+  the CLS tokens kept the patches' order)."""
+  rows = hidden.shape[0]
+  is_cls = jnp.zeros(hidden.shape[:2], bool).at[jnp.arange(rows)[:, None], cls_index.reshape(rows, -1)].set(True)
+  order = jnp.argsort(is_cls, axis=1, stable=True)[:, :length]
+  return jnp.take_along_axis(hidden, order[..., None], axis=1)
+
+
 class AuM(nn.Module):
-  """Audio Mamba. `__call__` returns (logits `[batch, classes]`, intermediates)."""
+  """Audio Mamba. `__call__` returns (logits `[batch, classes]`, intermediates: "embedding" (pooled), "tokens"
+  (the whole sequence, CLS tokens included) and "patch_tokens" (the patches' outputs only, in patch order; packed
+  rows: in the layout's order))."""
 
   num_classes: int
   width: int = 768
@@ -113,13 +125,16 @@ class AuM(nn.Module):
       else:
         pooled = masked_mean(hidden, segment_ids, clips)
       pooled = pooled[:, 0] if whole else pooled
+      patch_tokens = without_clip_tokens(hidden, cls_index, segment_ids.shape[1] - clips * prefix)
     else:
       hidden = encoder(tokens)
       pooled = (jnp.mean(hidden[:, list(positions)], axis=1) if positions else jnp.mean(hidden, axis=1))
+      patch_tokens = hidden[:, [i for i in range(hidden.shape[1]) if i not in positions]]
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
                       kernel_init=with_names(trunc_normal, "embed", "classes"),
                       bias_init=with_names(nn.initializers.zeros_init(), "classes"))(pooled)
-    return logits.astype(jnp.float32), {"embedding": pooled.astype(jnp.float32), "tokens": hidden}
+    return logits.astype(jnp.float32), {"embedding": pooled.astype(jnp.float32), "tokens": hidden,
+                                        "patch_tokens": patch_tokens}
 
   def _cls_tokens(self, count: int) -> list[jax.Array]:
     names = ("cls_token_head", "cls_token_tail") if self.cls_position == "head_tail" else ("cls_token",)

@@ -32,7 +32,7 @@ POSITIONS = ("integer", "fractional")
 
 class ElasticAST(nn.Module):
   """`__call__(spectrogram, layout)` -> (logits `[rows, clips, classes]`, {"embedding": `[rows, clips, width]`,
-  "tokens": `[rows, row_tokens, width]`}). Slots without a clip give meaningless outputs; the caller masks them
+  "tokens" and "patch_tokens": `[rows, row_tokens, width]`, in the layout's order}). Slots without a clip give meaningless outputs; the caller masks them
   with the batch's `clip_mask`."""
 
   num_classes: int
@@ -95,7 +95,7 @@ class ElasticAST(nn.Module):
     if whole_clips:
       pooled = pooled[:, 0]
     logits = ClassifierHead(self.num_classes, self.head_layer_norm_eps, self.dtype, name="head")(pooled)
-    return logits, {"embedding": pooled.astype(jnp.float32), "tokens": tokens}
+    return logits, {"embedding": pooled.astype(jnp.float32), "tokens": tokens, "patch_tokens": tokens}
 
 
 def elastic_kwargs(config: Any) -> dict[str, Any]:
@@ -160,4 +160,5 @@ FAMILY = Family(
     problems=config_problems,
     example_inputs=example_inputs,
     packed_input=True,
+    weight_formats=("ast_jax", "torch"),
 )

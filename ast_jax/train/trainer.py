@@ -171,6 +171,8 @@ class _Run:
     start) to its end or `total_steps`. Returns (state, last evaluation record, state shardings)."""
     config, mesh, rules, inputs = plan.config, self.mesh, self.rules, self.inputs
     steps_per_epoch, num_phases = inputs.steps_per_epoch, len(self.plans)
+    # Checkpoints of this phase say which model they hold (predict reads a workdir's latest checkpoint with it).
+    self.run_meta["phase_config"] = config.to_json_best_effort()
     programs = phase_programs(config, mesh, rules, self.train_rng, steps_per_epoch, plan.steps, plan.first_step)
     model, tx = programs.model, programs.tx
     first_avg, last_avg = config.train.average_weights
@@ -314,7 +316,7 @@ def export_model(path: str, params: Any, config: ml_collections.ConfigDict, labe
     label_ids = model_dir.label_names_from_csv(config.data.label_csv)[1]
   # Files hold the unscanned layout, whatever the training layout was.
   bundle_config = model_dir.bundle_config({**config.model, "scan_layers": False}, config.audio, config.num_classes,
-                                          config.train.loss)
+                                          config.train.loss, model_dir.packing_of(config))
   model_dir.save_model_dir(path, model_dir.ModelBundle(unscan_layers(params), bundle_config, list(label_names),
                                                        label_ids if len(label_ids) == len(label_names) else []))
   log.info("model written to %s", path)
