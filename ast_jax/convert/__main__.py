@@ -1,13 +1,17 @@
-"""Convert weights: `python -m ast_jax.convert --from=hf|original|aum|ast_jax --to=hf|original|aum|ast_jax SRC DST`.
+"""Convert weights: `python -m ast_jax.convert --from=hf|original|aum|ast_jax --to=hf|original|aum|ast_jax|torch SRC
+DST`.
 
 - ast_jax: a model directory (`model.safetensors` + `ast_jax.json`), as training writes to `workdir/model/`;
   a training workdir is accepted as SRC.
 - hf: a Hugging Face `ASTForAudioClassification` directory (model.safetensors, config.json, preprocessor_config.json).
+  `--patch_size=P` writes an AST (FlexiAST) at P x P patches, strides scaled with P (`convert/hf.py:at_patch`).
 - original: an upstream `.pth` (YuanGongND/ast). It carries no config: reading one needs `--config=configs/X.py`
   (front end, strides, labels); writing one keeps only the weights.
 - aum: an upstream Audio Mamba `.pth` (kaistmm/Audio-Mamba-AuM state-dict names), for ast_jax models with
   model.name='aum'. Reading one needs `--config` as for `original`; `ast_jax/convert/aum_torch.py` runs a written
   one in plain PyTorch (`AudioMamba.from_state_dict`).
+- torch (write only): ElasticAST for plain PyTorch, `model.safetensors` + `config.json` (sizes, positions, pooling,
+  labels, front end); `ast_jax/convert/elastic_torch.py` runs it (`ElasticAST.from_pretrained(DST)`).
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-FORMATS = ("hf", "original", "aum", "ast_jax")
+FORMATS = ("hf", "original", "aum", "ast_jax", "torch")
 _FROM = flags.DEFINE_enum("from", None, FORMATS, "Format of SRC.")
 _TO = flags.DEFINE_enum("to", None, FORMATS, "Format of DST.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "With --from=original|aum: the recipe the weights belong "
                                           "to (model, front end, labels).")
 _LABEL_CSV = flags.DEFINE_string("label_csv", None, "With --from=original|aum: label names (index,mid,display_name); "
                                  "default: the config's data.label_csv.")
+_PATCH_SIZE = flags.DEFINE_string("patch_size", None, "With --to=hf: export at P x P patches (an AST whose family "
+                                   "runs at any patch, FlexiAST): kernel PI-resized, strides scaled by P / the stored "
+                                   "patch, positional table resized, as model.apply(..., patch=(P, P)) runs it.")
 flags.mark_flags_as_required(["from", "to"])
 
 
@@ -33,6 +40,9 @@ def read(source_format: str, path: str):
 
   if source_format == "ast_jax":
     return model_dir.load_model_dir(path)
+  if source_format == "torch":
+    raise ValueError("--from=torch: the plain-PyTorch ElasticAST export is written, not read; convert from the "
+                     "ast_jax model directory it was exported from")
   if source_format == "hf":
     bundle, unused = hf.load_hf(path)
     if unused:
@@ -76,14 +86,25 @@ def read_with_config(path: str, source_format: str):
   return model_dir.ModelBundle(params, bundle_config, model_dir.default_label_names(config.num_classes, names), ids)
 
 
-def write(target_format: str, bundle, path: str) -> None:
+def export_patch() -> int | None:
+  """--patch_size, checked before anything is read; None: the model's own patch."""
+  if _PATCH_SIZE.value is None:
+    return None
+  if _TO.value != "hf":
+    raise ValueError(f"--patch_size applies to --to=hf, not --to={_TO.value}")
+  from ast_jax.convert.hf import square_patch_size
+
+  return square_patch_size(_PATCH_SIZE.value)
+
+
+def write(target_format: str, bundle, path: str, patch: int | None = None) -> None:
   from ast_jax.convert import hf, model_dir, original
   from ast_jax.models import family_of
 
   family = family_of(bundle.config)
   if target_format not in family.weight_formats:
     raise ValueError(f"--to={target_format} does not hold {family.name!r} models; they export with "
-                     + " or ".join(f"--to={f}" for f in family.weight_formats))
+                     + " or ".join(f"--to={f}" for f in family.weight_formats if f in FORMATS))
   if target_format == "ast_jax":
     model_dir.save_model_dir(path, bundle)
   elif target_format == "aum":
@@ -91,7 +112,14 @@ def write(target_format: str, bundle, path: str) -> None:
 
     save_upstream(path, bundle.params)
   elif target_format == "hf":
-    hf.save_hf(path, bundle)
+    hf.save_hf(path, bundle, patch=patch)
+  elif target_format == "torch":
+    from ast_jax.convert.torch_layout import require_torch
+
+    require_torch(f"--to=torch ({path})")
+    from ast_jax.convert.elastic_torch import save_pretrained
+
+    save_pretrained(path, bundle)
   else:
     original.save_original(path, bundle.params)
 
@@ -102,11 +130,13 @@ def main(argv: list[str]) -> None:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", force=True)
   source, target = argv[1], argv[2]
   try:
+    patch = export_patch()
     bundle = read(_FROM.value, source)
-    write(_TO.value, bundle, target)
+    write(_TO.value, bundle, target, patch)
   except (FileNotFoundError, ValueError) as error:
     sys.exit(f"error: {error}")
-  print(f"{_FROM.value}:{source} -> {_TO.value}:{target} ({bundle.config.num_classes} classes)")
+  at_patch = f", {patch}x{patch} patches" if patch else ""
+  print(f"{_FROM.value}:{source} -> {_TO.value}:{target} ({bundle.config.num_classes} classes{at_patch})")
 
 
 if __name__ == "__main__":

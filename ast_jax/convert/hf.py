@@ -5,14 +5,20 @@ attention.attention.query`, ...), which every transformers release loads; readin
 names (`layers.{i}.attention.q_proj`, ...). Numerics: HF has one LayerNorm epsilon for backbone and head (1e-12
 in the published checkpoints); an import sets both of ours to it, an export writes our backbone's (the head's
 1e-5 vs 1e-6 moves logits by about 1e-6).
+
+An AST whose family runs at any patch (FlexiAST: the `flexi_patch` option) exports at another square patch P
+(`save_hf(..., patch=P)`, `convert --patch_size=P`): the model `model.apply(..., patch=(P, P))` runs, stored at P
+(`at_patch`). HF's ASTConfig holds one square patch size and a stride per axis; each stride is the model's scaled
+with the patch (stride * P / stored side, a whole number), so an overlapping model keeps its overlap ratio.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -96,6 +102,12 @@ def hf_config(bundle: ModelBundle) -> dict[str, Any]:
   if audio.get("time_pool", "none") != "none":
     raise ValueError(f"this model reads spectrograms pooled {audio.time_pool_factor}x along time "
                      f"(audio.time_pool={audio.time_pool!r}), which Hugging Face's AST feature extractor cannot do")
+  from ast_jax.audio.patches import patch_of, strides_of
+
+  (patch, patch_time), (fstride, tstride) = patch_of(model), strides_of(model)
+  if patch != patch_time:
+    raise ValueError(f"Hugging Face's ASTConfig holds square patches only; this model stores {patch}x{patch_time} "
+                     "patches (mel bins x frames): export it at a square --patch_size=P")
   params = bundle.params
   width = params["cls_token"].shape[-1]
   return {
@@ -105,7 +117,7 @@ def hf_config(bundle: ModelBundle) -> dict[str, Any]:
       "intermediate_size": int(params["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"].shape[1]),
       "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
       "initializer_range": 0.02, "layer_norm_eps": float(model.layer_norm_eps), "qkv_bias": True,
-      "patch_size": int(model.patch_size), "frequency_stride": int(model.fstride), "time_stride": int(model.tstride),
+      "patch_size": patch, "frequency_stride": fstride, "time_stride": tstride,
       "max_length": int(audio.target_length), "num_mel_bins": int(audio.num_mel_bins),
       "id2label": {str(i): name for i, name in enumerate(bundle.label_names)},
       "label2id": {name: i for i, name in enumerate(bundle.label_names)},
@@ -121,13 +133,75 @@ def preprocessor_config(bundle: ModelBundle) -> dict[str, Any]:
   }
 
 
-def save_hf(path: str, bundle: ModelBundle) -> None:
+def square_patch_size(text: str) -> int:
+  """`--patch_size`: one positive integer P (P x P patches; 'PxP' is accepted). A rectangle, zero, a negative or
+  anything else raises ValueError naming the flag."""
+  sizes = [size.strip() for size in re.split(r"[x,]", str(text).strip().lower())]
+  if len(sizes) not in (1, 2) or not all(re.fullmatch(r"[+-]?\d+", size) for size in sizes):
+    raise ValueError(f"--patch_size={text}: not a patch size; give one positive integer P (P x P patches)")
+  values = {int(size) for size in sizes}
+  if len(values) > 1:
+    raise ValueError(f"--patch_size={text}: Hugging Face's ASTConfig holds square patches only; give one size P "
+                     "(P mel bins x P frames)")
+  size = values.pop()
+  if size < 1:
+    raise ValueError(f"--patch_size={text}: a patch size must be a positive integer")
+  return size
+
+
+def at_patch(bundle: ModelBundle, patch: int | Sequence[int]) -> ModelBundle:
+  """The bundle re-expressed at `patch` (freq, time; an int is square): the model that `model.apply(...,
+  patch=patch)` runs on `audio.target_length` frames, storing that patch. Kernel PI-resized (models/flexi.py),
+  strides scaled with the patch (audio/patches.py:scaled_strides), positional table resized from the stored grid to
+  the new one as models/ast.py resizes it at run time (rule 'antialias'). The bundle itself at its own patch.
+
+  Raises ValueError for a family without the `flexi_patch` option, a non-positive patch, a patch larger than the
+  spectrogram, or one that scales a stride to a fraction of a bin or frame."""
+  from ast_jax.audio.patches import as_patch, patch_grid, patch_of, scaled_strides, strides_of
+  from ast_jax.models.family import FLEXI_PATCH, families_with, family_of
+  from ast_jax.models.flexi import resize_patch_kernel
+  from ast_jax.models.positions import resize_table
+
+  family, new = family_of(bundle.config), as_patch(patch)
+  if FLEXI_PATCH not in family.options:
+    raise ValueError(f"patch size {new[0]}x{new[1]}: {family.name!r} models run only at the patch they store; "
+                     f"families that run at any patch ({FLEXI_PATCH}): {', '.join(families_with(FLEXI_PATCH))}")
+  model, audio = bundle.config.model, bundle.config.audio
+  own, strides = patch_of(model), strides_of(model)
+  if new == own:
+    return bundle
+  try:
+    new_strides = scaled_strides(own, strides, new)
+    own_grid = patch_grid(audio.num_mel_bins, audio.target_length, own, strides)
+    new_grid = patch_grid(audio.num_mel_bins, audio.target_length, new, new_strides)
+  except ValueError as error:
+    raise ValueError(f"patch size {new[0]}x{new[1]}: {error}") from None
+  params = dict(bundle.params)
+  proj = params["patch_embed"]["proj"]
+  kernel = resize_patch_kernel(np.asarray(proj["kernel"], np.float32), new)
+  params["patch_embed"] = {**params["patch_embed"], "proj": {**proj, "kernel": kernel}}
+  table = resize_table(np.asarray(params["pos_embed"], np.float32), own_grid, new_grid, rule="antialias")
+  params["pos_embed"] = np.asarray(table, np.float32)
+  config = copy.deepcopy(bundle.config)
+  config.model.update(patch_size=new[0], fstride=new_strides[0], tstride=new_strides[1])
+  if new[0] != new[1] or "patch_time" in config.model:
+    config.model.patch_time = 0 if new[0] == new[1] else new[1]
+  if "run_patch" in config.model:
+    config.model.run_patch = ()  # the stored patch is now the one it named
+  return ModelBundle(params, config, list(bundle.label_names), list(bundle.label_ids))
+
+
+def save_hf(path: str, bundle: ModelBundle, patch: int | None = None) -> None:
+  """Writes `bundle` as a Hugging Face AST directory; `patch` P: at P x P patches (`at_patch`), else at its own."""
   from ast_jax.models.family import family_of
 
   family = family_of(bundle.config)
   if "hf" not in family.weight_formats:
     raise ValueError(f"Hugging Face's ASTForAudioClassification holds AST models, not {family.name!r} ones; "
                      f"{family.name!r} models export with " + " or ".join(f"--to={f}" for f in family.weight_formats))
+  if patch is not None:
+    bundle = at_patch(bundle, square_patch_size(str(patch)))
+  hf_config(bundle)  # a model HF cannot hold fails before anything is written
   os.makedirs(path, exist_ok=True)
   state = timm_to_hf(torch_layout.params_to_timm(bundle.params))
   save_safetensors(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
