@@ -53,6 +53,14 @@ def scores(bundle: Any, logits: np.ndarray) -> np.ndarray:
   return 1.0 / (1.0 + np.exp(-logits))
 
 
+def patch_tokens(intermediates: dict[str, Any], bundle: Any) -> Any:
+  """The model's per-patch outputs (`intermediates["patch_tokens"]`); a family without them cannot give tokens."""
+  if "patch_tokens" not in intermediates:
+    raise ValueError(f"--token_embeddings: {bundle.config.model.name!r} models return no 'patch_tokens' "
+                     "intermediate (the per-patch outputs of models/family.py's contract)")
+  return intermediates["patch_tokens"]
+
+
 def make_predictor(bundle: Any, *, batch_size: int = 8, patch_size: int = 0, resolution: float = 0.0,
                    tokens: bool = False) -> Predictor | PackedPredictor:
   """The predictor of `bundle`'s family. `patch_size` > 0: run a FlexiAST model at that patch size; `resolution`
@@ -117,7 +125,7 @@ class Predictor:
     def forward(waveforms, num_samples):
       logits, intermediates = model.apply({"params": params}, model_input(waveforms, num_samples, audio),
                                           **patch_kwargs)
-      return logits, intermediates["embedding"], intermediates["patch_tokens"] if tokens else None
+      return logits, intermediates["embedding"], patch_tokens(intermediates, bundle) if tokens else None
 
     self._forward, self.with_tokens = forward, tokens
 
@@ -235,7 +243,7 @@ class PackedPredictor:
     def forward(batch):
       spectrogram, layout = batch_input(batch, audio, patch)
       logits, intermediates = model.apply({"params": params}, spectrogram, layout)
-      return logits, intermediates["embedding"], intermediates["patch_tokens"] if tokens else None
+      return logits, intermediates["embedding"], patch_tokens(intermediates, bundle) if tokens else None
 
     self._forward, self.with_tokens = forward, tokens
 

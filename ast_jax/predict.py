@@ -93,7 +93,10 @@ def main(argv: list[str]) -> None:
     sys.exit(f"error: {failed} of {len(files)} files could not be read (named above); nothing was saved. Fix or "
              "drop them, or pass --skip_unreadable to accept the others' results (NaN rows for the unreadable)")
   readable = [waveform for waveform in waveforms if waveform is not None]
-  results = iter(predictor.predict(readable, window, hop))
+  try:
+    results = iter(predictor.predict(readable, window, hop))
+  except ValueError as error:
+    sys.exit(f"error: {error}")
   predictions = [None if waveform is None else next(results) for waveform in waveforms]
   width = next((p.embeddings.shape[-1] for p in predictions if p is not None), 0)
   file_logits, file_embeddings = [], []

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from ast_jax.models import build_model, config_flops, example_inputs, family_of, init_params
@@ -68,6 +69,15 @@ def test_a_family_from_outside_trains_one_step_through_main(tmp_path):
   assert written["model"]["name"] == "tests.toy_family"
   kept = list((workdir / "configs").glob("*.json"))  # the resolved config of the run, overrides applied
   assert len(kept) == 1 and json.loads(kept[0].read_text())["model"]["name"] == "tests.toy_family"
+  # Its model directory predicts; it returns no patch tokens, so --token_embeddings is one clear error.
+  from ast_jax.convert.model_dir import load_model_dir
+  from ast_jax.inference import make_predictor
+
+  bundle = load_model_dir(str(workdir / "model"))
+  waveform = np.random.default_rng(0).normal(size=8000).astype(np.float32)
+  assert make_predictor(bundle).predict([waveform], 8000, 4000)[0].logits.shape == (1, bundle.config.num_classes)
+  with pytest.raises(ValueError, match="'tests.toy_family' models return no 'patch_tokens'"):
+    make_predictor(bundle, tokens=True).predict([waveform], 8000, 4000)
 
 
 def test_print_config_shows_the_resolved_fields_with_their_meaning_and_trains_nothing(tmp_path):

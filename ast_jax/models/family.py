@@ -48,7 +48,8 @@ class Family:
   """A backbone as the trainer, config checks, converters, predict and bench see it.
 
   `model(num_classes=..., **kwargs(config))` is the Linen module; its `__call__(spectrogram, layout=None, *,
-  train, patch=None)` returns (logits, {"embedding": ..., ...}) for whole-clip rows `[rows, frames, mel_bins]`
+  train, patch=None)` returns (logits, {"embedding": pooled, "patch_tokens": each patch's output (optional: what
+  predict --token_embeddings writes), ...}) for whole-clip rows `[rows, frames, mel_bins]`
   (logits `[rows, classes]`) or, when `trains_packed(config)`, packed rows `[rows, clips, frames, mel_bins]` with a
   `models.tokens.TokenLayout` (logits `[rows, clips, classes]`).
   `flops(config)` returns the analytic count as `models/flops.py:config_flops` documents.
