@@ -198,6 +198,24 @@ class _Windows:
     return self.waveforms[index]
 
 
+def longest_packed_clip(config: Any, model: Any, resolution: float) -> tuple[int, int]:
+  """The longest clip a model trained on packed rows takes whole at resolution q: (time patches, the frames at the
+  base frame shift its samples span). Its row bounds it, and its time table unless positions are fractional."""
+  from ast_jax.audio.fbank import FbankOptions, num_frames
+  from ast_jax.audio.patches import patch_of
+
+  patch_freq, patch_time = patch_of(config.model)
+  time_patches = config.packing.row_tokens // (config.audio.num_mel_bins // patch_freq)
+  if getattr(model, "positions", "integer") == "integer":
+    time_patches = min(time_patches, model.max_time_patches)
+  base = FbankOptions(sample_rate=float(config.audio.sample_rate), frame_length=config.audio.frame_length,
+                      frame_shift=config.audio.frame_shift)
+  at_q = FbankOptions(sample_rate=base.sample_rate, frame_length=base.frame_length,
+                      frame_shift=base.frame_shift * resolution)
+  samples = at_q.window_size + at_q.window_shift * (time_patches * patch_time - 1)
+  return time_patches, max(patch_time, num_frames(samples, base))
+
+
 class PackedPredictor:
   """A model trained on packed rows made callable on waveforms: each window at its own length and at resolution
   q, packed with the others into the model's rows (the evaluation planner), through the evaluation step's front
@@ -209,7 +227,6 @@ class PackedPredictor:
     import jax
     import jax.numpy as jnp
 
-    from ast_jax.audio.fbank import FbankOptions, num_frames
     from ast_jax.audio.patches import patch_of
     from ast_jax.data.inputs import packing_spec
     from ast_jax.models import build_model
@@ -222,17 +239,7 @@ class PackedPredictor:
       raise ValueError(f"--resolution={resolution}: a resolution is a frame-shift multiplier q >= 1")
     model = build_model(config)
     patch = patch_of(config.model)
-    freq_patches = config.audio.num_mel_bins // patch[0]
-    # The longest clip the model takes whole: its row, and its time table unless positions are fractional.
-    time_patches = config.packing.row_tokens // freq_patches
-    if getattr(model, "positions", "integer") == "integer":
-      time_patches = min(time_patches, model.max_time_patches)
-    at_q = FbankOptions(sample_rate=float(self.sample_rate), frame_length=config.audio.frame_length,
-                        frame_shift=config.audio.frame_shift * self.resolution)
-    samples = at_q.window_size + at_q.window_shift * (time_patches * patch[1] - 1)
-    base_frames = num_frames(samples, FbankOptions(sample_rate=float(self.sample_rate),
-                                                   frame_length=config.audio.frame_length,
-                                                   frame_shift=config.audio.frame_shift))
+    _, base_frames = longest_packed_clip(config, model, self.resolution)
     self.spec = packing_spec(config, train=False, length=base_frames, resolution=self.resolution)
     self.input_samples = self.spec.max_samples
     self.mel_stride, self.patch_time = patch[0], patch[1]
