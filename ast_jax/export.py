@@ -371,7 +371,8 @@ def export(checkpoint: str, fmt: str, out: str, patch_size: int | None = None,
 
 def load(path: str) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
   """A stablehlo artifact as a function: (waveform `[batch, samples]`, num_samples `[batch]` or None = every
-  sample) -> (logits `[batch, classes]`, embedding `[batch, width]`) as NumPy arrays; jitted per shape."""
+  sample, sample_rate = the audio's rate, checked against FILE.json's when given) -> (logits `[batch, classes]`,
+  embedding `[batch, width]`) as NumPy arrays; jitted per shape."""
   import jax
   from jax import export as jax_export
 
@@ -384,8 +385,15 @@ def load(path: str) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
   except Exception as error:  # the deserializer raises several kinds for a file that is not an artifact
     raise ExportError(f"{path}: not a jax.export artifact ({type(error).__name__})") from None
   call = jax.jit(exported.call)
+  rate = None
+  if os.path.isfile(path + ".json"):
+    with open(path + ".json") as handle:
+      rate = json.load(handle).get("sample_rate")
 
-  def run(waveform, num_samples=None) -> tuple[np.ndarray, np.ndarray]:
+  def run(waveform, num_samples=None, sample_rate: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    if sample_rate is not None and rate is not None and int(sample_rate) != int(rate):
+      raise ValueError(f"{path} takes audio at {int(rate)} Hz, not {int(sample_rate)} Hz: resample it first "
+                       f"(ast_jax.audio.load_audio(file, {int(rate)}) does)")
     waveform = np.asarray(waveform, np.float32)
     if waveform.ndim != 2:
       raise ValueError(f"{path} takes waveforms [batch, samples], got shape {waveform.shape}")

@@ -126,6 +126,8 @@ def test_ast_artifact_matches_predict_at_any_batch_and_length(tmp_path, recordin
   export.export(ast_dir, "stablehlo", str(tmp_path / "all.shlo"), platforms=["cpu", "cuda", "tpu"])
   logits, embeddings = export.load(str(tmp_path / "all.shlo"))(*padded(recordings[:3], 20000))
   expected = reference(recordings[:3])
+  with pytest.raises(ValueError, match=r"all.shlo takes audio at 16000 Hz, not 8000 Hz: resample it first"):
+    export.load(str(tmp_path / "all.shlo"))(*padded(recordings[:3], 20000), sample_rate=8000)
   worst = max(np.abs(logits - expected[0]).max(), np.abs(embeddings - expected[1]).max())
   print(f"cpu,cuda,tpu artifact on CPU: max |difference| {worst:.2e}")
   assert worst <= 1e-4
