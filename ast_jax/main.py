@@ -2,7 +2,8 @@
 
 Re-running the same command resumes from the latest checkpoint in the workdir. A run stopped by SIGTERM (a
 scheduler's preemption or time-limit notice) saves a checkpoint where it stops and exits with status 75
-(`ast_jax.train.preemption.PREEMPTED_EXIT_CODE`); the launch scripts run it again (launch/README.md).
+(`ast_jax.train.preemption.PREEMPTED_EXIT_CODE`); the launch scripts run it again (launch/README.md). Ctrl-C prints
+one line naming the checkpoint a rerun resumes from and exits with status 130 (`ast_jax/train/interrupt.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from ast_jax.train import interrupt
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file, optionally ':arg'.",
                                           lock_config=True)
@@ -66,6 +69,8 @@ def main(argv: list[str]) -> None:
 
     print(describe(_CONFIG.value, flags.FLAGS["config"].serialize().partition("=")[2]))
     return
+  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().partition("=")[2])
+  interrupt.install(os.path.join(workdir, "checkpoints"))  # first: before any thread or worker process starts
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   logging.getLogger("ast_jax").setLevel(logging.INFO)  # our progress; library chatter (Orbax, JAX) stays at WARNING
   if _DISTRIBUTED.value:
@@ -76,14 +81,16 @@ def main(argv: list[str]) -> None:
   from ast_jax.train.preemption import PREEMPTED_EXIT_CODE
   from ast_jax.train.trainer import Preempted, train_and_evaluate  # after distributed init: it touches devices
 
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().partition("=")[2])
   logging.getLogger("ast_jax").info("workdir %s", os.path.abspath(workdir))
   try:
     record = train_and_evaluate(_CONFIG.value, workdir)
   except Preempted as stop:
+    if interrupt.requested():  # Ctrl-C stopped it as SIGTERM does, with a checkpoint at the step where it stopped
+      interrupt.exit_now(stop.step)
     print(f"preempted: checkpoint of step {stop.step} saved in {workdir}; run the same command to resume",
           file=sys.stderr, flush=True)
     sys.stdout.flush()
+    end_workers()
     os._exit(PREEMPTED_EXIT_CODE)  # at once, as on a failure below: no wait in jax.distributed's shutdown
   except Exception as error:  # noqa: BLE001 - bad input or a run that stopped itself: the message, no traceback
     message = failure_message(error)
@@ -91,10 +98,19 @@ def main(argv: list[str]) -> None:
       raise
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    end_workers()
     # Exit at once: a multi-process run rather than wait in jax.distributed's shutdown barrier for its peers, and
     # any run rather than print library threads' own reports of the same failure after the message.
     os._exit(1)
   print(json.dumps({"workdir": workdir, **record}))
+
+
+def end_workers() -> None:
+  """Ends this process's input worker processes (Grain's), which `os._exit` would leave running."""
+  import multiprocessing
+
+  for child in multiprocessing.active_children():
+    child.terminate()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ Process i gets AST_JAX_COORDINATOR=127.0.0.1:<free port>, AST_JAX_NUM_PROCESSES=
 ast_jax.parallel.distributed.initialize), `--distributed` is added to an `ast_jax.main` command that lacks it, and
 `--devices_per_process=K > 1` gives each process K CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=K).
 Output lines are prefixed `[p0]`, `[p1]`, ...; when one process fails the others are stopped, and the launcher
-exits with the first non-zero exit code. `launch(...)` is the same, importable (tests use it).
+exits with the first non-zero exit code. Ctrl-C is passed on to every process (they run in sessions of their own, out
+of the terminal's reach), which then stop by themselves: `ast_jax.main` after the same step, with a checkpoint, exit
+status 130 (ast_jax/train/interrupt.py); a second Ctrl-C is passed on too, a third kills them. `launch(...)` is the
+same, importable (tests use it).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int 
   outputs: list[list[str]] = [[] for _ in range(num_processes)]
   lock = threading.Lock()
   processes, readers = [], []
+  ctrl_c = _CtrlC(processes)
   try:
     for process_id in range(num_processes):
       # Own session per process: stopping one also stops whatever it started.
@@ -92,10 +96,12 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int 
                                 daemon=True)
       reader.start()
       readers.append(reader)
-    returncode = _wait(processes, timeout, stream, lock)
+    returncode = _wait(processes, timeout, stream, lock, ctrl_c)
   except BaseException:
-    _stop(processes)  # Ctrl-C or a failed start: leave nothing running
+    _stop(processes)  # a failed start, SIGTERM or SIGHUP: leave nothing running
     raise
+  finally:
+    ctrl_c.close()
   for reader in readers:
     reader.join()
   return LaunchResult(returncode, outputs)
@@ -110,8 +116,10 @@ def _relay(process: subprocess.Popen, prefix: str, lines: list[str], stream: Tex
       stream.flush()
 
 
-def _wait(processes: list[subprocess.Popen], timeout: float | None, stream: TextIO, lock: threading.Lock) -> int:
-  """Waits for every process; on the first failure (or the timeout) stops the rest. Returns the exit code."""
+def _wait(processes: list[subprocess.Popen], timeout: float | None, stream: TextIO, lock: threading.Lock,
+          ctrl_c: _CtrlC) -> int:
+  """Waits for every process; on the first failure (or the timeout) stops the rest, unless Ctrl-C was passed on:
+  then each stops by itself. Returns the exit code."""
   deadline = None if timeout is None else time.monotonic() + timeout
   first_failure = 0
   while True:
@@ -119,8 +127,9 @@ def _wait(processes: list[subprocess.Popen], timeout: float | None, stream: Text
     for process_id, code in enumerate(codes):
       if code and not first_failure:
         first_failure = 128 - code if code < 0 else code
-        _note(stream, lock, f"process {process_id} exited with {code}; stopping the others")
-        _stop(processes)
+        if not ctrl_c.presses:
+          _note(stream, lock, f"process {process_id} exited with {code}; stopping the others")
+          _stop(processes)
     if all(code is not None for code in codes):
       return first_failure
     if deadline is not None and time.monotonic() > deadline:
@@ -149,6 +158,28 @@ def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
     os.killpg(process.pid, sig)
   except ProcessLookupError:
     pass  # already gone
+
+
+class _CtrlC:
+  """While installed (main thread only), Ctrl-C goes to every running process's group instead of raising
+  KeyboardInterrupt here; the third one kills them."""
+
+  def __init__(self, processes: list[subprocess.Popen]):
+    self.processes, self.presses = processes, 0
+    self.installed = threading.current_thread() is threading.main_thread()
+    if self.installed:
+      self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+  def _on_sigint(self, signum: int, frame: object) -> None:
+    self.presses += 1
+    for process in self.processes:
+      if process.poll() is None:
+        _signal_group(process, signal.SIGKILL if self.presses >= 3 else signal.SIGINT)
+
+  def close(self) -> None:
+    if self.installed:  # None: set outside Python, so the default goes back
+      signal.signal(signal.SIGINT, signal.default_int_handler if self.previous is None else self.previous)
+      self.installed = False
 
 
 def _note(stream: TextIO, lock: threading.Lock, message: str) -> None:

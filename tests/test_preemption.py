@@ -3,7 +3,10 @@ it is on, exits with status 75, and the same command run again ends exactly as a
 a multi-process run SIGTERM reaches one process only and every process stops after the same step.
 
 The SIGTERM comes from the run itself (AST_JAX_FAULTS=term@step:S, ast_jax/train/faults.py), right after step S is
-dispatched; in the two-process runs only process 1 has the fault armed."""
+dispatched; in the two-process runs only process 1 has the fault armed.
+
+Ctrl-C (ast_jax/train/interrupt.py), sent to the run's process group as a terminal does: one line, exit status 130,
+no traceback or crash, and a rerun resumes from the checkpoint the line names."""
 
 from __future__ import annotations
 
@@ -11,16 +14,19 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from ast_jax.train import faults
+from ast_jax.train.interrupt import INTERRUPTED_EXIT_CODE
 from ast_jax.train.preemption import PREEMPTED_EXIT_CODE, SIGNAL, PreemptionWatch
 from launch import local
 from tests.test_faults import OVERRIDES, ROOT, STEPS_PER_EPOCH, environment, records, steps  # noqa: F401, F811
@@ -265,3 +271,209 @@ def test_the_term_fault_is_read():
   assert faults.parse("term@step:7,kill@step:9") == {("term", "step"): {7}, ("kill", "step"): {9}}
   with pytest.raises(ValueError, match="unknown fault term@eval"):
     faults.parse("term@eval:3")
+
+
+# --------------------------------------------------------------------------------------------------- Ctrl-C
+
+CTRL_C_LINE = re.compile(r"stopped by Ctrl-C at step (\d+); (?:last checkpoint: step (\d+) \((.+)\); rerun the same "
+                         r"command to resume|no checkpoint yet; rerunning starts from the beginning)$")
+
+
+class Started:
+  """A command in a session of its own (as a terminal's job is), its output lines collected as they come."""
+
+  def __init__(self, command: list[str], env: dict[str, str]):
+    self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+    self.stdout: list[str] = []
+    self.stderr: list[str] = []
+    self.readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+                    for stream, lines in ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr))]
+    for reader in self.readers:
+      reader.start()
+
+  @staticmethod
+  def _read(stream, lines: list[str]) -> None:
+    for line in stream:
+      lines.append(line.rstrip("\n"))
+
+  def wait_for(self, text: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in self.stdout + self.stderr):
+      assert self.process.poll() is None, f"ended ({self.process.returncode}) before {text!r}:\n" + self.output()
+      assert time.monotonic() < deadline, f"no {text!r} in {timeout} s:\n" + self.output()
+      time.sleep(0.02)
+
+  def ctrl_c(self) -> None:
+    os.killpg(self.process.pid, signal.SIGINT)  # the whole process group, as a terminal sends it
+
+  def running_after(self, seconds: float) -> bool:
+    try:
+      self.process.wait(seconds)
+    except subprocess.TimeoutExpired:
+      return True
+    return False
+
+  def end(self, timeout: float = 60) -> int:
+    code = self.process.wait(timeout)
+    for reader in self.readers:
+      reader.join(10)
+    return code
+
+  def output(self) -> str:
+    return "\n".join(self.stderr[-60:] + self.stdout[-20:])
+
+
+def ctrl_c_line(started: Started) -> re.Match:
+  """The run's one Ctrl-C line, last on stderr; log lines may come before it, a traceback never."""
+  text = started.output()
+  assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+  found = [line for line in started.stderr if "Ctrl-C" in line and not re.match(r"\d{4}-\d\d-\d\d ", line)]
+  assert len(found) == 1 and found[0] == started.stderr[-1], text
+  match = CTRL_C_LINE.match(found[0])
+  assert match, found[0]
+  return match
+
+
+def start_demo(environment: dict[str, str], workdir: str) -> Started:
+  command = [sys.executable, "-m", "ast_jax.main", "--config=configs/demo.py", f"--workdir={workdir}", *SINGLE]
+  return Started(command, environment)
+
+
+def stop_after_a_step(environment: dict[str, str], workdir: str) -> re.Match:
+  """Ctrl-C once the demo has logged a step: exit 130, and the one line names the step it saved, the only
+  checkpoint, complete. Returns the line."""
+  run = start_demo(environment, workdir)
+  run.wait_for("loss")  # a step's log line (every step)
+  run.ctrl_c()
+  assert run.end() == INTERRUPTED_EXIT_CODE, run.output()
+  line = ctrl_c_line(run)
+  step = int(line.group(1))
+  assert step >= 1 and line.group(2) == str(step), line.group(0)  # the run stopped after a step and saved it
+  assert line.group(3) == os.path.join(workdir, "checkpoints")
+  assert steps(workdir) == [step] and not [name for name in os.listdir(os.path.join(workdir, "checkpoints"))
+                                           if not name.isdigit()]  # committed, nothing half-written beside it
+  return line
+
+
+def test_ctrl_c_after_a_step_saves_that_step_and_exits_130_with_one_line(environment, tmp_path):
+  stop_after_a_step(environment, str(tmp_path / "run"))
+
+
+@pytest.mark.slow  # one more start of the demo (5-10 s on 2 cores): the default run stays under 20 s
+def test_after_ctrl_c_the_same_command_resumes_from_the_checkpoint_the_line_named(environment, tmp_path):
+  workdir = str(tmp_path / "run")
+  line = stop_after_a_step(environment, workdir)
+  step = int(line.group(1))
+  rerun = start_demo(environment, workdir)  # the same command
+  rerun.wait_for(f"restored checkpoint at step {step}")
+  rerun.ctrl_c()  # before its first step: at once, nothing lost
+  assert rerun.end() == INTERRUPTED_EXIT_CODE, rerun.output()
+  assert ctrl_c_line(rerun).group(0) == line.group(0)
+
+
+def test_ctrl_c_while_compiling_exits_at_once_with_one_line_and_no_crash(environment, tmp_path):
+  workdir = str(tmp_path / "run")
+  run = start_demo(environment, workdir)
+  run.wait_for("model ast")  # logged just before the first step is traced and compiled
+  time.sleep(0.3)
+  run.ctrl_c()
+  code = run.end()
+  assert code == INTERRUPTED_EXIT_CODE, (code, run.output())  # -11: a segmentation fault
+  assert ctrl_c_line(run).group(0) == "stopped by Ctrl-C at step 0; no checkpoint yet; rerunning starts from the " \
+                                      "beginning"
+  assert steps(workdir) == []
+
+
+# The interrupt module alone, without training: the main thread blocks (as in a long compilation) at a stage.
+STAGE_PROGRAM = """
+import sys
+import threading
+
+from ast_jax.train import interrupt
+
+interrupt.install(sys.argv[1])
+if sys.argv[2] != "starting":
+  interrupt.training(7)
+if sys.argv[2] == "finishing":
+  interrupt.finishing()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+def start_stage(tmp_path, stage: str, checkpoint_names: list[str]) -> tuple[Started, str]:
+  directory = tmp_path / "checkpoints"
+  for name in checkpoint_names:
+    (directory / name).mkdir(parents=True)
+  program = write_program(tmp_path, "stage.py", STAGE_PROGRAM)
+  started = Started([sys.executable, program, str(directory), stage], cpu_env())
+  started.wait_for("ready", timeout=60)
+  return started, str(directory)
+
+
+def test_while_training_a_second_ctrl_c_exits_at_once_naming_the_last_committed_checkpoint(tmp_path):
+  started, directory = start_stage(tmp_path, "training", ["3", "5.orbax-checkpoint-tmp-1796000000"])
+  started.ctrl_c()
+  assert started.running_after(0.5), started.output()  # it waits for the next step boundary, which never comes
+  started.ctrl_c()
+  assert started.end(10) == INTERRUPTED_EXIT_CODE, started.output()
+  assert ctrl_c_line(started).group(0) == (f"stopped by Ctrl-C at step 7; last checkpoint: step 3 ({directory}); "
+                                           "rerun the same command to resume")  # the save of 5 is abandoned
+
+
+def test_after_training_ctrl_c_exits_once_the_save_in_flight_is_committed(tmp_path):
+  started, directory = start_stage(tmp_path, "finishing", ["3"])
+  os.mkdir(os.path.join(directory, "7.orbax-checkpoint-tmp-1796000000"))  # the last step's save, begun
+  started.ctrl_c()
+  assert started.running_after(0.5), started.output()  # waiting for checkpoint 7
+  os.rename(os.path.join(directory, "7.orbax-checkpoint-tmp-1796000000"), os.path.join(directory, "7"))
+  assert started.end(10) == INTERRUPTED_EXIT_CODE, started.output()
+  assert ctrl_c_line(started).group(0) == (f"stopped by Ctrl-C at step 7; last checkpoint: step 7 ({directory}); "
+                                           "rerun the same command to resume")
+
+
+def test_before_training_ctrl_c_exits_at_once_past_a_save_an_earlier_run_left_unfinished(tmp_path):
+  started, directory = start_stage(tmp_path, "starting", ["4", "6.orbax-checkpoint-tmp-1796000000"])
+  started.ctrl_c()
+  assert started.end(10) == INTERRUPTED_EXIT_CODE, started.output()
+  assert ctrl_c_line(started).group(0) == (f"stopped by Ctrl-C at step 4; last checkpoint: step 4 ({directory}); "
+                                           "rerun the same command to resume")
+
+
+def test_the_local_launcher_passes_ctrl_c_on_to_every_process(tmp_path):
+  program = write_program(tmp_path, "stage.py", STAGE_PROGRAM)
+  launcher = Started([sys.executable, "launch/local.py", "--num_processes=2", "--", sys.executable, program,
+                      str(tmp_path / "checkpoints"), "starting"], cpu_env())
+  launcher.wait_for("[p0] ready", timeout=60)
+  launcher.wait_for("[p1] ready", timeout=60)
+  launcher.ctrl_c()  # the launcher's group only: the processes run in sessions of their own
+  assert launcher.end(20) == INTERRUPTED_EXIT_CODE, launcher.output()
+  text = launcher.output()
+  assert "Traceback" not in text and "stopping the others" not in text, text
+  for process_id in range(2):
+    assert (f"[p{process_id}] stopped by Ctrl-C at step 0; no checkpoint yet; rerunning starts from the beginning"
+            in launcher.stdout), text
+
+
+@pytest.mark.slow  # two training processes: about a minute on 2 cores
+def test_ctrl_c_through_the_launcher_stops_two_processes_after_the_same_step_with_a_checkpoint(environment,
+                                                                                               tmp_path):
+  workdir = str(tmp_path / "run")
+  env = {**cpu_env(), **{key: environment[key] for key in environment if key.startswith("JAX_")}}
+  command = [sys.executable, "launch/local.py", "--num_processes=2", "--", "-m", "ast_jax.main",
+             f"--workdir={workdir}", *TWO_PROCESS]
+  launcher = Started(command, env)
+  launcher.wait_for("[p0] ", timeout=240)
+  launcher.wait_for(f"step 2/{3 * TWO_PROCESS_STEPS_PER_EPOCH}", timeout=240)
+  launcher.ctrl_c()
+  assert launcher.end(120) == INTERRUPTED_EXIT_CODE, launcher.output()
+  text = launcher.output()
+  assert "Traceback" not in text, text
+  lines = [CTRL_C_LINE.match(line.split("] ", 1)[1]) for line in launcher.stdout if "stopped by Ctrl-C" in line]
+  assert len(lines) == 2 and all(lines), text
+  step = int(lines[0].group(1))
+  assert all(line.group(1) == line.group(2) == str(step) for line in lines), text  # the same step, saved
+  assert steps(workdir)[-1] == step
+  for process_id in range(2):
+    assert os.path.exists(os.path.join(workdir, "checkpoints", str(step), "data", f"process_{process_id}-of-2.json"))

@@ -17,11 +17,17 @@ it saves a checkpoint at that step, waits until it is written, and the process e
   (`reached_preemption_sync_point` raises RuntimeError). A Python handler sets each process's flag, and an
   all-gather of the flags after every step gives every process the same answer, at the cost of one small
   collective per step, which waits for the step.
+
+Ctrl-C once training steps run (train/interrupt.py) stops the run the same way, after the same step on every process
+and with a checkpoint there: the watch answers True for it too, and with the sync manager it passes it on as a
+SIGTERM to its own process, which JAX's handler tells every process. `ast_jax.main` then prints the Ctrl-C line and
+exits with `interrupt.INTERRUPTED_EXIT_CODE` (130) instead of 75.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -30,6 +36,8 @@ from types import FrameType
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from ast_jax.train import interrupt
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,7 @@ class PreemptionWatch:
   def __init__(self) -> None:
     self.received_at: float | None = None  # time.time() of the first SIGTERM, in the modes with a Python handler
     self._announced = False
+    self._ctrl_c_passed_on = False
     self._previous_handler = None
     self._installed = False
     if jax.distributed.is_initialized() and _sync_manager_present():
@@ -77,16 +86,21 @@ class PreemptionWatch:
 
   def should_stop(self, step: int) -> bool:
     """Called by every process after dispatching train step `step` (1-based count of steps done)."""
+    interrupt.training(step)
+    ctrl_c = interrupt.requested()
     if self.mode == SYNC_POINT:
+      if ctrl_c and not self._ctrl_c_passed_on:
+        self._ctrl_c_passed_on = True
+        os.kill(os.getpid(), signal.SIGTERM)  # to JAX's handler, which sets the sync point of every process
       # Call counts, not steps: the manager's counts start at 0, so a notice that comes before the first call
       # (while compiling or restoring) sets the sync point at 1, which a resumed run's steps would never meet.
       PreemptionWatch._sync_calls += 1
       stop = multihost_utils.reached_preemption_sync_point(PreemptionWatch._sync_calls)
     elif self.mode == AGREED_SIGNAL:
-      stop = bool(np.any(multihost_utils.process_allgather(np.asarray(self.received_at is not None))))
+      stop = bool(np.any(multihost_utils.process_allgather(np.asarray(self.received_at is not None or ctrl_c))))
     else:
-      stop = self.received_at is not None
-    if stop and not self._announced:
+      stop = self.received_at is not None or ctrl_c
+    if stop and not self._announced and not ctrl_c:  # Ctrl-C's own line says where the run stopped
       self._announced = True
       who = "" if self.mode == SIGNAL else " by this process" if self.received_at is not None else " by a process"
       log.warning("SIGTERM received%s (preemption or time limit): the run stops after step %d, with a checkpoint "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ from ast_jax.parallel import (create_sharded, global_batch, logical_rules,
                               make_mesh, put_host_tree, to_host)
 from ast_jax.parallel.sharding import partitioning, shardings_of
 from ast_jax.train import state as state_lib
-from ast_jax.train import faults
+from ast_jax.train import faults, interrupt
 from ast_jax.train.checkpoint import Checkpointer, CorruptCheckpoint
 from ast_jax.train.config_checks import ConfigError, batch_for_mesh, check_data_paths, validate_config
 from ast_jax.train.evaluate import evaluate_params
@@ -105,7 +106,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Any) -> dict[s
 
   record: dict[str, Any] = run.writer.last_record() or {}
   first_avg = config.train.average_weights[0]
-  if run.latest_step >= total_steps and record and (first_avg == 0 or record.get("weights") == "averaged"):
+  if run.latest_step >= total_steps and record and completed_step(workdir) >= total_steps:
     log.info("the run in %s is complete (step %d); nothing to do", workdir, run.latest_step)
     run.close()
     return record
@@ -125,9 +126,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Any) -> dict[s
     run.close()  # waits for saves in flight: the checkpoints written so far stay complete
     raise
   run.progress.close()
+  interrupt.finishing()  # from here a Ctrl-C exits at once: a rerun redoes what follows
 
   final_config = final_plan.config
-  if first_avg > 0 and int(state.averaged_count) > 0:
+  # A rerun of a run stopped after this evaluation finds its record last, and does not evaluate again.
+  if first_avg > 0 and int(state.averaged_count) > 0 and record.get("weights") != "averaged":
     averaged_epochs = [first_avg, min(config.train.average_weights[1], config.train.epochs)]
     record = run.evaluate(final_plan, state_lib.averaged_params(state), total_steps, config.train.epochs,
                           {**run.epoch_stats, "weights": "averaged", "averaged_epochs": averaged_epochs})
@@ -137,8 +140,23 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Any) -> dict[s
     export_model(os.path.join(workdir, "model"), final, final_config, sources.label_names)
   if config.eval_sweep.lengths or config.eval_sweep.resolutions or config.get("eval_patch_sizes"):
     run_sweep(final_config, final, inputs, mesh, rules, shardings.params, workdir, **host)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, COMPLETE_FILE), "w") as handle:
+      handle.write(f"{total_steps}\n")
   run.close()
   return record
+
+
+COMPLETE_FILE = "complete"  # the last step, written after everything else; a run stopped before it redoes them
+
+
+def completed_step(workdir: str) -> int:
+  """The step in `workdir`'s COMPLETE_FILE, written once the final evaluation, model and sweep are; -1 if none."""
+  try:
+    with open(os.path.join(workdir, COMPLETE_FILE)) as handle:
+      return int(handle.read())
+  except (OSError, ValueError):
+    return -1
 
 
 class _Run:
@@ -317,8 +335,15 @@ def export_model(path: str, params: Any, config: ml_collections.ConfigDict, labe
   # Files hold the unscanned layout, whatever the training layout was.
   bundle_config = model_dir.bundle_config({**config.model, "scan_layers": False}, config.audio, config.num_classes,
                                           config.train.loss, model_dir.packing_of(config))
-  model_dir.save_model_dir(path, model_dir.ModelBundle(unscan_layers(params), bundle_config, list(label_names),
-                                                       label_ids if len(label_ids) == len(label_names) else []))
+  partial, previous = path + ".partial", path + ".previous"  # written aside, then renamed: never half a model
+  for leftover in (partial, previous):
+    shutil.rmtree(leftover, ignore_errors=True)
+  model_dir.save_model_dir(partial, model_dir.ModelBundle(unscan_layers(params), bundle_config, list(label_names),
+                                                          label_ids if len(label_ids) == len(label_names) else []))
+  if os.path.exists(path):
+    os.rename(path, previous)
+  os.rename(partial, path)
+  shutil.rmtree(previous, ignore_errors=True)
   log.info("model written to %s", path)
 
 
