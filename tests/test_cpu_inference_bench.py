@@ -51,3 +51,31 @@ def test_bad_flags_are_one_message(tmp_path, flag, message):
   with pytest.raises(app.UsageError, match=message):
     cpu_inference.run_flags(parsed([*TINY, flag, f"--out={tmp_path}"]))
   assert not (tmp_path / "cpu_inference.csv").exists()
+
+
+def test_serving_precision_reports_each_backend_against_ast_jax(tmp_path):
+  """bench/serving_precision.py on a small random AST over the demo's evaluation clips: PyTorch float32 agrees
+  with ast_jax to float rounding; bfloat16 autocast differs, by a measured amount."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  import numpy as np
+
+  from ast_jax.models import build_model, example_inputs, init_params
+  from ast_jax.train.trainer import export_model
+  from configs import demo
+
+  config = demo.get_config("smoke")
+  params = jax.tree.map(np.asarray, init_params(build_model(config), jax.random.key(0), *example_inputs(config)))
+  export_model(str(tmp_path / "model"), params, config, [str(i) for i in range(config.num_classes)])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-m", "ast_jax.bench.serving_precision", f"--checkpoint={tmp_path / 'model'}",
+                           "--config=configs/demo.py:smoke", "--config.data.num_eval_examples=16"],
+                          capture_output=True, text=True, cwd=root, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  assert [line["backend"] for line in lines] == ["ast_jax float32", "pytorch float32", "pytorch bfloat16 autocast"]
+  assert all(line["clips"] == 16 for line in lines)
+  assert lines[1]["max_abs_logit_difference"] < 1e-4 < lines[2]["max_abs_logit_difference"]
