@@ -53,6 +53,7 @@ def test_bad_flags_are_one_message(tmp_path, flag, message):
   assert not (tmp_path / "cpu_inference.csv").exists()
 
 
+@pytest.mark.slow  # 8 s: a subprocess and two model compiles
 def test_serving_precision_reports_each_backend_against_ast_jax(tmp_path):
   """bench/serving_precision.py on a small random AST over the demo's evaluation clips: PyTorch float32 agrees
   with ast_jax to float rounding; bfloat16 autocast differs, by a measured amount."""

@@ -89,6 +89,7 @@ def check_config(module, config, path):
   assert module.blocks[0].norm1.eps == 1e-5 and module.mlp_head[0].eps == 1e-6
 
 
+@pytest.mark.slow  # 6 s in a subprocess; the same export through formats.write is in the default suite
 def test_export_command_runs_in_plain_pytorch(tmp_path):
   """`python -m ast_jax.convert --from=ast_jax --to=torch`: attention pooling, integer positions, square patches."""
   config = elastic_config("attention", "integer")
@@ -102,8 +103,8 @@ def test_export_command_runs_in_plain_pytorch(tmp_path):
   assert packed <= TOLERANCE and single <= TOLERANCE
 
 
-# (pooling, positions, patch_time, scale_logits): the default run covers each option once with the case above.
-CASES = [("mean", "fractional", 8, False)]
+# (pooling, positions, patch_time, scale_logits): the default run covers each option's two values.
+CASES = [("mean", "fractional", 8, False), ("attention", "integer", 0, True)]
 SLOW_CASES = [("attention", "fractional", 8, True), ("mean", "fractional", 0, False), ("mean", "integer", 0, True),
               ("attention", "integer", 8, False), ("mean", "integer", 8, False), ("attention", "fractional", 0, False)]
 
@@ -111,8 +112,8 @@ SLOW_CASES = [("attention", "fractional", 8, True), ("mean", "fractional", 0, Fa
 @pytest.mark.parametrize("pooling, positions, patch_time, scale_logits",
                          CASES + [pytest.param(*case, marks=pytest.mark.slow) for case in SLOW_CASES])
 def test_exported_options_match(tmp_path, pooling, positions, patch_time, scale_logits):
-  """Mean pooling, fractional positions, rectangular 16 x 8 patches, unscaled attention logits."""
-  from ast_jax.convert.__main__ import write
+  """Every pooling, positions, patch shape and logit scaling (exported through `convert.formats.write`)."""
+  from ast_jax.convert.formats import write
 
   config = elastic_config(pooling, positions, patch_time, scale_logits)
   model, params = model_directory(config, tmp_path / "model")
@@ -128,7 +129,7 @@ def test_exported_options_match(tmp_path, pooling, positions, patch_time, scale_
 def test_bad_input_is_one_clear_error(tmp_path):
   """An AST model directory is refused by --to=torch naming the formats it does export to; the PyTorch module names
   a missing export and a layout past its tables."""
-  from ast_jax.convert.__main__ import write
+  from ast_jax.convert.formats import write
 
   config = base_config()  # an AST: the family is refused before any weight is read
   config.num_classes = 3

@@ -218,6 +218,7 @@ def test_run_patch_only_from_a_phase_and_pooled_models_refuse_hf_export():
     hf.hf_config(bundle)
 
 
+@pytest.mark.slow  # 9 s of training; a coarse-phase model directory predicts in the default suite (test_predict.py)
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")
 def test_a_checkpoint_of_a_coarse_phase_loads_as_that_phase_model(tmp_path):
   """predict on a workdir stopped inside a coarse phase runs the phase's model (time pooled), not the full one."""

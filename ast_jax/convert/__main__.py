@@ -22,7 +22,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-FORMATS = ("hf", "original", "aum", "ast_jax", "torch")
+from ast_jax.convert.formats import FORMATS, write
+
 _FROM = flags.DEFINE_enum("from", None, FORMATS, "Format of SRC.")
 _TO = flags.DEFINE_enum("to", None, FORMATS, "Format of DST.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "With --from=original|aum: the recipe the weights belong "
@@ -95,33 +96,6 @@ def export_patch() -> int | None:
   from ast_jax.convert.hf import square_patch_size
 
   return square_patch_size(_PATCH_SIZE.value)
-
-
-def write(target_format: str, bundle, path: str, patch: int | None = None) -> None:
-  from ast_jax.convert import hf, model_dir, original
-  from ast_jax.models import family_of
-
-  family = family_of(bundle.config)
-  if target_format not in family.weight_formats:
-    raise ValueError(f"--to={target_format} does not hold {family.name!r} models; they export with "
-                     + " or ".join(f"--to={f}" for f in family.weight_formats if f in FORMATS))
-  if target_format == "ast_jax":
-    model_dir.save_model_dir(path, bundle)
-  elif target_format == "aum":
-    from ast_jax.convert.aum import save_upstream
-
-    save_upstream(path, bundle.params)
-  elif target_format == "hf":
-    hf.save_hf(path, bundle, patch=patch)
-  elif target_format == "torch":
-    from ast_jax.convert.torch_layout import require_torch
-
-    require_torch(f"--to=torch ({path})")
-    from ast_jax.convert.elastic_torch import save_pretrained
-
-    save_pretrained(path, bundle)
-  else:
-    original.save_original(path, bundle.params)
 
 
 def main(argv: list[str]) -> None:
